@@ -1,0 +1,39 @@
+// The CPU backend of every elementwise kernel: apply a functor to indices [0, n) in parallel.
+// Kernels are written once as C10_HOST_DEVICE functors; this file and for_each_cuda.cuh only
+// decide how the indices are spread over threads, behind the same two static functions.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace robprune {
+
+struct CpuBackend {
+  // Large enough that a thread's chunk amortises the scheduling cost of at::parallel_for.
+  static constexpr int64_t kGrain = 32768;
+
+  template <class F>
+  static void for_each(int64_t n, const F& f) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  }
+
+  // For functors that return true when element i is invalid: returns whether any element was.
+  // Validation rides along with a pass that reads the data anyway. `like` is unused on the CPU.
+  template <class F>
+  static bool for_each_any(int64_t n, const F& f, const at::Tensor& /*like*/) {
+    std::atomic<bool> any{false};
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      bool local = false;
+      for (int64_t i = begin; i < end; ++i) local |= f(i);
+      if (local) any.store(true, std::memory_order_relaxed);
+    });
+    return any.load();
+  }
+};
+
+}  // namespace robprune

@@ -1,0 +1,43 @@
+// The elementwise steps around an interval layer's two products, one static function each.
+// Declared here for any backend, defined once in box_kernels_impl.h, instantiated for the CPU
+// in box_kernels_cpu.cpp and for CUDA in box_kernels_cuda.cu.
+//
+// Every tensor argument must be dense and laid out like the first tensor argument (same sizes,
+// same memory format); callers arrange that with .contiguous(memory_format).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace robprune {
+
+struct CpuBackend;
+struct CudaBackend;
+
+template <class Backend>
+struct BoxKernels {
+  // Checks radius >= 0 everywhere (throws otherwise). With relu, returns the box mapped
+  // through ReLU; without, returns (c, r) themselves.
+  static std::tuple<at::Tensor, at::Tensor> prologue(const at::Tensor& c, const at::Tensor& r,
+                                                     bool relu);
+  static std::tuple<at::Tensor, at::Tensor> prologue_backward(const at::Tensor& g_c_out,
+                                                              const at::Tensor& g_r_out,
+                                                              const at::Tensor& c,
+                                                              const at::Tensor& r);
+  // (centre, radius) -> (lower, upper), in place.
+  static void to_bounds_(const at::Tensor& a, const at::Tensor& b);
+  static std::tuple<at::Tensor, at::Tensor> to_bounds_backward(const at::Tensor& g_lower,
+                                                               const at::Tensor& g_upper);
+  // A (2, *w.shape) tensor holding w * mask and |w * mask| (w and |w| without a mask).
+  static at::Tensor weight_pair(const at::Tensor& w, const c10::optional<at::Tensor>& mask);
+  // (grad weight, grad mask); an output not wanted is returned undefined.
+  static std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g_c,
+                                                        const at::Tensor& g_r,
+                                                        const at::Tensor& w,
+                                                        const c10::optional<at::Tensor>& mask,
+                                                        bool need_weight, bool need_mask);
+};
+
+}  // namespace robprune

@@ -1,0 +1,117 @@
+// Definitions of BoxKernels<Backend>: allocate outputs, dispatch on dtype, run a box_math.h
+// functor through Backend::for_each. Included only by the per-backend translation units.
+#pragma once
+
+#include "box_kernels.h"
+#include "box_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+namespace robprune {
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::prologue(const at::Tensor& c,
+                                                                 const at::Tensor& r, bool relu) {
+  at::Tensor c_out = relu ? at::empty_like(c) : c;
+  at::Tensor r_out = relu ? at::empty_like(r) : r;
+  bool bad = false;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "robprune_box_prologue", [&] {
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    if (relu) {
+      box::Prologue<scalar_t, true> f{cp, rp, c_out.data_ptr<scalar_t>(), r_out.data_ptr<scalar_t>()};
+      bad = Backend::for_each_any(c.numel(), f, c);
+    } else {
+      box::Prologue<scalar_t, false> f{cp, rp, nullptr, nullptr};
+      bad = Backend::for_each_any(c.numel(), f, c);
+    }
+  });
+  TORCH_CHECK(!bad, "radius must be >= 0 everywhere (no negative or NaN entries); "
+              "build a box from bounds with robprune_fast.ops.box_from_bounds(lower, upper)");
+  return {c_out, r_out};
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::prologue_backward(
+    const at::Tensor& g_c_out, const at::Tensor& g_r_out, const at::Tensor& c, const at::Tensor& r) {
+  at::Tensor g_c = at::empty_like(c), g_r = at::empty_like(r);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "robprune_box_prologue_backward", [&] {
+    box::PrologueBackward<scalar_t> f{g_c_out.const_data_ptr<scalar_t>(),
+                                      g_r_out.const_data_ptr<scalar_t>(),
+                                      c.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
+                                      g_c.data_ptr<scalar_t>(), g_r.data_ptr<scalar_t>()};
+    Backend::for_each(c.numel(), f);
+  });
+  return {g_c, g_r};
+}
+
+template <class Backend>
+void BoxKernels<Backend>::to_bounds_(const at::Tensor& a, const at::Tensor& b) {
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "robprune_box_to_bounds", [&] {
+    box::ToBounds<scalar_t> f{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>()};
+    Backend::for_each(a.numel(), f);
+  });
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::to_bounds_backward(
+    const at::Tensor& g_lower, const at::Tensor& g_upper) {
+  at::Tensor g_c = at::empty_like(g_lower), g_r = at::empty_like(g_lower);
+  AT_DISPATCH_FLOATING_TYPES(g_lower.scalar_type(), "robprune_box_to_bounds_backward", [&] {
+    box::ToBoundsBackward<scalar_t> f{g_lower.const_data_ptr<scalar_t>(),
+                                      g_upper.const_data_ptr<scalar_t>(),
+                                      g_c.data_ptr<scalar_t>(), g_r.data_ptr<scalar_t>()};
+    Backend::for_each(g_lower.numel(), f);
+  });
+  return {g_c, g_r};
+}
+
+template <class Backend>
+at::Tensor BoxKernels<Backend>::weight_pair(const at::Tensor& w,
+                                            const c10::optional<at::Tensor>& mask) {
+  std::vector<int64_t> shape{2};
+  shape.insert(shape.end(), w.sizes().begin(), w.sizes().end());
+  at::Tensor pair = at::empty(shape, w.options());
+  const int64_t n = w.numel();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "robprune_box_weight_pair", [&] {
+    scalar_t* out = pair.data_ptr<scalar_t>();
+    if (mask) {
+      box::WeightPair<scalar_t, true> f{w.const_data_ptr<scalar_t>(),
+                                        mask->const_data_ptr<scalar_t>(), out, out + n};
+      Backend::for_each(n, f);
+    } else {
+      box::WeightPair<scalar_t, false> f{w.const_data_ptr<scalar_t>(), nullptr, out, out + n};
+      Backend::for_each(n, f);
+    }
+  });
+  return pair;
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::weight_grad(
+    const at::Tensor& g_c, const at::Tensor& g_r, const at::Tensor& w,
+    const c10::optional<at::Tensor>& mask, bool need_weight, bool need_mask) {
+  at::Tensor g_w = need_weight ? at::empty_like(w) : at::Tensor();
+  at::Tensor g_m = (need_mask && mask) ? at::empty_like(w) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "robprune_box_weight_grad", [&] {
+    scalar_t* gw = need_weight ? g_w.data_ptr<scalar_t>() : nullptr;
+    if (mask) {
+      box::WeightGrad<scalar_t, true> f{g_c.const_data_ptr<scalar_t>(),
+                                        g_r.const_data_ptr<scalar_t>(),
+                                        w.const_data_ptr<scalar_t>(),
+                                        mask->const_data_ptr<scalar_t>(), gw,
+                                        g_m.defined() ? g_m.data_ptr<scalar_t>() : nullptr};
+      Backend::for_each(w.numel(), f);
+    } else {
+      box::WeightGrad<scalar_t, false> f{g_c.const_data_ptr<scalar_t>(),
+                                         g_r.const_data_ptr<scalar_t>(),
+                                         w.const_data_ptr<scalar_t>(), nullptr, gw, nullptr};
+      Backend::for_each(w.numel(), f);
+    }
+  });
+  return {g_w, g_m};
+}
+
+}  // namespace robprune

@@ -1,0 +1,120 @@
+// Per-element formulas of interval (box) propagation, written once for CPU and CUDA.
+//
+// A box is (centre c, radius r >= 0), i.e. the interval [c - r, c + r]. Each functor handles
+// element i of flat, identically laid out buffers; for_each_{cpu,cuda} spread i over threads.
+// reference.py holds the same formulas in plain torch; keep the two in step.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace robprune::box {
+
+template <class T>
+C10_HOST_DEVICE inline T relu(T x) {
+  return x > T(0) ? x : T(0);
+}
+
+template <class T>
+C10_HOST_DEVICE inline T sign(T x) {
+  return static_cast<T>((x > T(0)) - (x < T(0)));
+}
+
+// Validates the radius (NaN and negative entries are invalid) and, with RELU, maps the box
+// through ReLU: [c - r, c + r] -> [relu(c - r), relu(c + r)], back in centre/radius form.
+template <class T, bool RELU>
+struct Prologue {
+  const T* c;
+  const T* r;
+  T* c_out;
+  T* r_out;
+  C10_HOST_DEVICE bool operator()(int64_t i) const {
+    const T ci = c[i], ri = r[i];
+    if (RELU) {
+      const T lo = relu(ci - ri), hi = relu(ci + ri);
+      c_out[i] = (hi + lo) / T(2);
+      r_out[i] = (hi - lo) / T(2);
+    }
+    return !(ri >= T(0));
+  }
+};
+
+// Gradient of Prologue<T, true> with respect to (c, r), given the gradient at its output.
+// relu'(x) is taken as [x > 0], as torch.relu's backward does.
+template <class T>
+struct PrologueBackward {
+  const T* g_c_out;
+  const T* g_r_out;
+  const T* c;
+  const T* r;
+  T* g_c;
+  T* g_r;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const T g_hi = (c[i] + r[i] > T(0)) ? (g_c_out[i] + g_r_out[i]) / T(2) : T(0);
+    const T g_lo = (c[i] - r[i] > T(0)) ? (g_c_out[i] - g_r_out[i]) / T(2) : T(0);
+    g_c[i] = g_hi + g_lo;
+    g_r[i] = g_hi - g_lo;
+  }
+};
+
+// Epilogue, in place: (centre, radius) -> (lower, upper).
+template <class T>
+struct ToBounds {
+  T* a;
+  T* b;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const T c = a[i], r = b[i];
+    a[i] = c - r;
+    b[i] = c + r;
+  }
+};
+
+// Gradient of ToBounds: from (grad lower, grad upper) to (grad centre, grad radius).
+template <class T>
+struct ToBoundsBackward {
+  const T* g_lower;
+  const T* g_upper;
+  T* g_c;
+  T* g_r;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    g_c[i] = g_upper[i] + g_lower[i];
+    g_r[i] = g_upper[i] - g_lower[i];
+  }
+};
+
+// The two weights an interval layer multiplies by: W * M for the centre and |W * M| for the
+// radius, written to the halves of one (2, *W.shape) buffer.
+template <class T, bool MASKED>
+struct WeightPair {
+  const T* w;
+  const T* m;
+  T* w_eff;
+  T* w_abs;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const T v = MASKED ? w[i] * m[i] : w[i];
+    w_eff[i] = v;
+    w_abs[i] = v < T(0) ? -v : v;
+  }
+};
+
+// Gradient of the layer with respect to W and M, from the gradients g_c and g_r of the two
+// products with respect to W * M and |W * M|: g = g_c + sign(W * M) g_r, dW = g M, dM = g W.
+// Either output may be null when it is not wanted.
+template <class T, bool MASKED>
+struct WeightGrad {
+  const T* g_c;
+  const T* g_r;
+  const T* w;
+  const T* m;
+  T* g_w;
+  T* g_m;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const T v = MASKED ? w[i] * m[i] : w[i];
+    const T g = g_c[i] + sign(v) * g_r[i];
+    if (g_w) g_w[i] = MASKED ? g * m[i] : g;
+    if (MASKED && g_m) g_m[i] = g * w[i];
+  }
+};
+
+}  // namespace robprune::box

@@ -1,0 +1,237 @@
+// Interval linear / conv2d: argument checks, then one algorithm for both layer kinds,
+// templated on the contraction (contractions.h) and run with the box kernels of the input's
+// device (box_kernels.h).
+#include "interval_ops.h"
+
+#include "box_kernels.h"
+#include "contractions.h"
+
+#include <robprune/checks.h>
+
+#include <ATen/ops/empty.h>
+
+namespace robprune {
+namespace {
+
+template <class Backend>
+struct Tag {
+  using type = Backend;
+};
+
+// Runs fn(Tag<Backend>) with the backend of t's device.
+template <class Fn>
+decltype(auto) with_backend(const at::Tensor& t, Fn&& fn) {
+  if (t.is_cuda()) {
+#ifdef ROBPRUNE_WITH_CUDA
+    return fn(Tag<CudaBackend>{});
+#else
+    TORCH_CHECK(false, "robprune_fast was built without its CUDA kernels; rebuild with FORCE_CUDA=1");
+#endif
+  }
+  TORCH_CHECK(t.is_cpu(), "robprune_fast kernels run on CPU and CUDA tensors, got ", t.device());
+  return fn(Tag<CpuBackend>{});
+}
+
+// Shared checks of an interval layer's arguments; weight_dim is 2 (linear) or 4 (conv2d).
+void check_interval_args(const at::Tensor& center, const at::Tensor& radius,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& mask,
+                         const c10::optional<at::Tensor>& weight_pair, int64_t weight_dim) {
+  check_float(center, "center");
+  check_like(radius, "radius", center, "center");
+  check_same_shape(radius, "radius", center, "center");
+  check_like(weight, "weight", center, "center");
+  check_dim(weight, "weight", weight_dim, weight_dim == 2 ? "(out_features, in_features)"
+                                                          : "(out_channels, in_channels/groups, kH, kW)");
+  if (bias) {
+    check_like(*bias, "bias", center, "center");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "bias must have shape (", weight.size(0), ",), got ", bias->sizes());
+  }
+  if (mask) {
+    check_like(*mask, "mask", center, "center");
+    check_same_shape(*mask, "mask", weight, "weight");
+  }
+  if (weight_pair) {
+    check_like(*weight_pair, "weight_pair", center, "center");
+    TORCH_CHECK(weight_pair->dim() == weight.dim() + 1 && weight_pair->size(0) == 2 &&
+                    weight_pair->sizes().slice(1) == weight.sizes(),
+                "weight_pair must have shape (2, *weight.shape) = (2, ", weight.sizes(), "), got ",
+                weight_pair->sizes());
+  }
+}
+
+void check_conv_geometry(const at::Tensor& center, const at::Tensor& weight,
+                         at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
+  check_dim(center, "center", 4, "(N, C, H, W)");
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0,
+              "stride must be two positive ints, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "padding must be two non-negative ints, got ", padding);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
+              "dilation must be two positive ints, got ", dilation);
+  TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
+  TORCH_CHECK(weight.size(0) % groups == 0, "weight.size(0) (out_channels = ", weight.size(0),
+              ") must be divisible by groups = ", groups);
+  TORCH_CHECK(center.size(1) == weight.size(1) * groups, "center has ", center.size(1),
+              " channels but weight expects in_channels = weight.size(1) * groups = ",
+              weight.size(1) * groups);
+  for (int d = 0; d < 2; ++d) {
+    const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+    TORCH_CHECK(center.size(2 + d) + 2 * padding[d] >= extent, "center's spatial size ",
+                center.sizes().slice(2), " plus padding ", padding,
+                " is smaller than the dilated kernel (", extent, ")");
+  }
+}
+
+c10::optional<at::Tensor> contiguous_opt(const c10::optional<at::Tensor>& t) {
+  return t ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+at::Tensor empty_if_unused(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+// The layer algorithm: prologue (radius check, optional ReLU) -> two products -> optional
+// conversion to bounds. `center` and `radius` must already be laid out alike.
+template <class Contraction>
+std::tuple<at::Tensor, at::Tensor> affine_forward(
+    const Contraction& k, const at::Tensor& center, const at::Tensor& radius,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight_pair,
+    bool relu_in, bool out_bounds) {
+  return with_backend(center, [&](auto tag) {
+    using K = BoxKernels<typename decltype(tag)::type>;
+    auto [c, r] = K::prologue(center, radius, relu_in);
+    const at::Tensor pair =
+        weight_pair ? *weight_pair : K::weight_pair(weight.contiguous(), contiguous_opt(mask));
+    at::Tensor a = k.forward(c, pair[0], bias);
+    at::Tensor b = k.forward(r, pair[1], c10::nullopt);
+    if (out_bounds) {
+      b = b.contiguous(a.suggest_memory_format());
+      K::to_bounds_(a, b);
+    }
+    return std::make_tuple(a, b);
+  });
+}
+
+template <class Contraction>
+Grads5 affine_backward(const Contraction& k, const at::Tensor& grad_a, const at::Tensor& grad_b,
+                       const at::Tensor& center, const at::Tensor& radius,
+                       const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                       const c10::optional<at::Tensor>& weight_pair, bool relu_in,
+                       bool out_bounds, std::array<bool, 5> need) {
+  return with_backend(center, [&](auto tag) {
+    using K = BoxKernels<typename decltype(tag)::type>;
+    const auto out_format = grad_a.suggest_memory_format();
+    at::Tensor g_out_c = grad_a.contiguous(out_format), g_out_r = grad_b.contiguous(out_format);
+    if (out_bounds) std::tie(g_out_c, g_out_r) = K::to_bounds_backward(g_out_c, g_out_r);
+
+    auto [c, r] = K::prologue(center, radius, relu_in);
+    const at::Tensor w = weight.contiguous();
+    const c10::optional<at::Tensor> m = contiguous_opt(mask);
+    const at::Tensor pair = weight_pair ? *weight_pair : K::weight_pair(w, m);
+    const bool need_in = need[0] || need[1], need_w = need[2] || (need[4] && m);
+    auto [g_c, g_wc, g_bias] = k.backward(g_out_c, c, pair[0], {need_in, need_w, need[3]});
+    auto [g_r, g_wr, unused] = k.backward(g_out_r, r, pair[1], {need_in, need_w, false});
+
+    const auto in_format = center.suggest_memory_format();
+    if (need_in) {
+      g_c = g_c.contiguous(in_format);
+      g_r = g_r.contiguous(in_format);
+      if (relu_in) std::tie(g_c, g_r) = K::prologue_backward(g_c, g_r, center, radius);
+    }
+    at::Tensor g_w, g_m;
+    if (need_w) std::tie(g_w, g_m) = K::weight_grad(g_wc.contiguous(), g_wr.contiguous(), w, m, need[2], need[4]);
+    return Grads5{empty_if_unused(need[0] ? g_c : at::Tensor(), center),
+                  empty_if_unused(need[1] ? g_r : at::Tensor(), center), empty_if_unused(g_w, center),
+                  empty_if_unused(g_bias, center), empty_if_unused(g_m, center)};
+  });
+}
+
+// Lays radius out like center (dense, in center's memory format) so flat indices match.
+std::tuple<at::Tensor, at::Tensor> dense_alike(const at::Tensor& center, const at::Tensor& radius) {
+  const auto format = center.suggest_memory_format();
+  return {center.contiguous(format), radius.contiguous(format)};
+}
+
+}  // namespace
+
+at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::Tensor>& mask) {
+  check_float(weight, "weight");
+  if (mask) {
+    check_like(*mask, "mask", weight, "weight");
+    check_same_shape(*mask, "mask", weight, "weight");
+  }
+  return with_backend(weight, [&](auto tag) {
+    return BoxKernels<typename decltype(tag)::type>::weight_pair(weight.contiguous(),
+                                                                 contiguous_opt(mask));
+  });
+}
+
+// Linear layers accept any leading batch dimensions, like torch.nn.functional.linear: they
+// are flattened into one for the GEMM and restored on the way out.
+std::tuple<at::Tensor, at::Tensor> interval_linear(
+    const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& weight_pair, bool relu_in, bool out_bounds) {
+  check_interval_args(center, radius, weight, bias, mask, weight_pair, 2);
+  TORCH_CHECK(center.dim() >= 1 && center.size(-1) == weight.size(1), "center's last dimension ",
+              "must equal weight.size(1) (in_features = ", weight.size(1), "), got shape ",
+              center.sizes());
+  std::vector<int64_t> out_shape(center.sizes().begin(), center.sizes().end() - 1);
+  out_shape.push_back(weight.size(0));
+  auto [c, r] = dense_alike(center.reshape({-1, weight.size(1)}), radius.reshape({-1, weight.size(1)}));
+  auto [a, b] = affine_forward(LinearContraction{}, c, r, weight, bias, mask, weight_pair, relu_in, out_bounds);
+  return {a.view(out_shape), b.view(out_shape)};
+}
+
+Grads5 interval_linear_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,
+                                const at::Tensor& center, const at::Tensor& radius,
+                                const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                                const c10::optional<at::Tensor>& weight_pair, bool relu_in,
+                                bool out_bounds, std::array<bool, 5> output_mask) {
+  check_interval_args(center, radius, weight, c10::nullopt, mask, weight_pair, 2);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK(center.dim() >= 1 && center.size(-1) == in, "center's last dimension must equal ",
+              "weight.size(1) (in_features = ", in, "), got shape ", center.sizes());
+  TORCH_CHECK(grad_a.numel() == center.numel() / in * out && grad_b.sizes() == grad_a.sizes(),
+              "grad_a and grad_b must have the layer's output shape");
+  auto [c, r] = dense_alike(center.reshape({-1, in}), radius.reshape({-1, in}));
+  auto grads = affine_backward(LinearContraction{}, grad_a.reshape({-1, out}), grad_b.reshape({-1, out}),
+                               c, r, weight, mask, weight_pair, relu_in, out_bounds, output_mask);
+  if (output_mask[0]) std::get<0>(grads) = std::get<0>(grads).view(center.sizes());
+  if (output_mask[1]) std::get<1>(grads) = std::get<1>(grads).view(center.sizes());
+  return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_conv2d(
+    const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& weight_pair, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu_in, bool out_bounds) {
+  check_interval_args(center, radius, weight, bias, mask, weight_pair, 4);
+  check_conv_geometry(center, weight, stride, padding, dilation, groups);
+  auto [c, r] = dense_alike(center, radius);
+  return affine_forward(Conv2dContraction{stride, padding, dilation, groups}, c, r, weight, bias,
+                        mask, weight_pair, relu_in, out_bounds);
+}
+
+Grads5 interval_conv2d_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,
+                                const at::Tensor& center, const at::Tensor& radius,
+                                const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                                const c10::optional<at::Tensor>& weight_pair,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, int64_t groups, bool relu_in,
+                                bool out_bounds, std::array<bool, 5> output_mask) {
+  check_interval_args(center, radius, weight, c10::nullopt, mask, weight_pair, 4);
+  check_conv_geometry(center, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_a.dim() == 4 && grad_b.sizes() == grad_a.sizes(),
+              "grad_a and grad_b must have the layer's output shape");
+  auto [c, r] = dense_alike(center, radius);
+  return affine_backward(Conv2dContraction{stride, padding, dilation, groups}, grad_a, grad_b, c,
+                         r, weight, mask, weight_pair, relu_in, out_bounds, output_mask);
+}
+
+}  // namespace robprune

@@ -1,0 +1,51 @@
+// The interval operators, as registered in pyext/module.cpp (schemas there).
+//
+// interval_linear / interval_conv2d: the box (center, radius) of the input, optionally pushed
+// through ReLU first (relu_in), through x -> (weight * mask) x + bias. Returns the output box as
+// (center, radius), or as (lower, upper) when out_bounds. weight_pair, when given, must be
+// masked_weight_pair(weight, mask): ops.py caches it per weight version so |W * M| is made once
+// per weight update; it is a cache, not differentiated.
+//
+// The *_backward ops return (grad center, grad radius, grad weight, grad bias, grad mask); an
+// entry whose output_mask flag is false comes back as an empty tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
+
+namespace robprune {
+
+using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::Tensor>& mask);
+
+std::tuple<at::Tensor, at::Tensor> interval_linear(
+    const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& weight_pair, bool relu_in, bool out_bounds);
+
+Grads5 interval_linear_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,
+                                const at::Tensor& center, const at::Tensor& radius,
+                                const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                                const c10::optional<at::Tensor>& weight_pair, bool relu_in,
+                                bool out_bounds, std::array<bool, 5> output_mask);
+
+std::tuple<at::Tensor, at::Tensor> interval_conv2d(
+    const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& weight_pair, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool relu_in, bool out_bounds);
+
+Grads5 interval_conv2d_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,
+                                const at::Tensor& center, const at::Tensor& radius,
+                                const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                                const c10::optional<at::Tensor>& weight_pair,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, int64_t groups, bool relu_in,
+                                bool out_bounds, std::array<bool, 5> output_mask);
+
+}  // namespace robprune

@@ -1,0 +1,69 @@
+// The binding layer: operator schemas (TORCH_LIBRARY), their CPU and CUDA registrations, and
+// the Python module robprune_fast._C, whose import loads them into torch.ops.robprune_fast.
+// Autograd formulas and fake (meta) kernels are registered from Python, in ops.py.
+#include "../csrc/interval/interval_ops.h"
+
+#include <torch/library.h>
+#include <torch/headeronly/version.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+// The build passes the CUDA architectures as one token, e.g. sm80_sm90 (a quoted string
+// would not survive the shell quoting of every build tool).
+#define ROBPRUNE_STR_(x) #x
+#define ROBPRUNE_STR(x) ROBPRUNE_STR_(x)
+#ifndef ROBPRUNE_CUDA_ARCHS
+#define ROBPRUNE_CUDA_ARCHS none
+#endif
+
+TORCH_LIBRARY(robprune_fast, m) {
+  m.def("masked_weight_pair(Tensor weight, Tensor? mask) -> Tensor");
+  m.def(
+      "interval_linear(Tensor center, Tensor radius, Tensor weight, Tensor? bias, Tensor? mask, "
+      "Tensor? weight_pair, bool relu_in, bool out_bounds) -> (Tensor, Tensor)");
+  m.def(
+      "interval_linear_backward(Tensor grad_a, Tensor grad_b, Tensor center, Tensor radius, "
+      "Tensor weight, Tensor? mask, Tensor? weight_pair, bool relu_in, bool out_bounds, "
+      "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "interval_conv2d(Tensor center, Tensor radius, Tensor weight, Tensor? bias, Tensor? mask, "
+      "Tensor? weight_pair, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool relu_in, bool out_bounds) -> (Tensor, Tensor)");
+  m.def(
+      "interval_conv2d_backward(Tensor grad_a, Tensor grad_b, Tensor center, Tensor radius, "
+      "Tensor weight, Tensor? mask, Tensor? weight_pair, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool relu_in, bool out_bounds, bool[5] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// One implementation per op serves both devices: it picks the CPU or CUDA box kernels from
+// the input's device (csrc/interval/interval_ops.cpp), so both registrations are this list.
+static void register_interval_ops(torch::Library& m) {
+  m.impl("masked_weight_pair", &robprune::masked_weight_pair);
+  m.impl("interval_linear", &robprune::interval_linear);
+  m.impl("interval_linear_backward", &robprune::interval_linear_backward);
+  m.impl("interval_conv2d", &robprune::interval_conv2d);
+  m.impl("interval_conv2d_backward", &robprune::interval_conv2d_backward);
+}
+
+TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_interval_ops(m); }
+
+#ifdef ROBPRUNE_WITH_CUDA
+TORCH_LIBRARY_IMPL(robprune_fast, CUDA, m) { register_interval_ops(m); }
+#endif
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "robprune_fast's compiled operators (registered in torch.ops.robprune_fast)";
+  module.def("build_info", [] {
+    pybind11::dict info;
+#ifdef ROBPRUNE_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_archs"] = std::string(ROBPRUNE_STR(ROBPRUNE_CUDA_ARCHS));
+    info["torch_version"] = std::string(TORCH_VERSION);
+    return info;
+  }, "What this build of the extension compiled: CUDA kernels or not, archs, torch version.");
+}

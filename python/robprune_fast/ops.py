@@ -1,0 +1,270 @@
+"""One thin Python wrapper per robprune_fast operator.
+
+Each wrapper checks its arguments, then calls ``torch.ops.robprune_fast.<name>`` (schemas in
+pyext/module.cpp, kernels in csrc/). Where the extension has no kernel for the input's device
+(a CPU-only build given CUDA tensors, or no compiled extension at all) it falls back to the
+op's pure-PyTorch twin in ``reference.py`` with a one-time warning that says how to rebuild.
+This module also registers each op's fake (meta) kernel and autograd formula, so the ops work
+under autograd and trace under torch.compile.
+
+Box convention: boxes are (centre, radius) with radius >= 0; see ``reference.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.robprune_fast)
+    _IMPORT_ERROR = None
+except ImportError as error:  # not built: every op runs its reference twin
+    _C = None
+    _IMPORT_ERROR = error
+
+_OPS = torch.ops.robprune_fast
+_warned: set[tuple[str, str]] = set()
+
+
+def _has_kernel(name: str, device: torch.device) -> bool:
+    if _C is None:
+        return False
+    key = "CUDA" if device.type == "cuda" else device.type.upper()
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"robprune_fast::{name}", key)
+
+
+def _use_kernel(name: str, device: torch.device) -> bool:
+    """Whether to run the compiled kernel; warns once per (op, device type) when not."""
+    if _has_kernel(name, device):
+        return True
+    if (name, device.type) not in _warned:
+        _warned.add((name, device.type))
+        why = (f"the extension failed to import ({_IMPORT_ERROR})" if _C is None
+               else f"this build has no {device.type} kernel for it")
+        warnings.warn(f"robprune_fast.{name}: {why}; running the slower pure-PyTorch reference. "
+                      "Rebuild with `pip install --no-build-isolation -e .` "
+                      "(FORCE_CUDA=1 and CUDA_HOME set for the CUDA kernels).",
+                      RuntimeWarning, stacklevel=3)
+    return False
+
+
+# --- argument checks (the C++ side repeats them for direct torch.ops calls) ---------------
+
+def _check_tensor(t, name: str, ref: torch.Tensor | None = None, ref_name: str = "center"):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ref is None:
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+        return
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def _check_interval_args(center, radius, weight, bias, mask, weight_dim: int):
+    _check_tensor(center, "center")
+    _check_tensor(radius, "radius", center)
+    if radius.shape != center.shape:
+        raise ValueError(f"radius must have the shape of center {tuple(center.shape)}, "
+                         f"got {tuple(radius.shape)}")
+    _check_tensor(weight, "weight", center)
+    if weight.dim() != weight_dim:
+        raise ValueError(f"weight must be {weight_dim}-D, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor(bias, "bias", center)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if mask is not None:
+        _check_tensor(mask, "mask", center)
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask must have the shape of weight {tuple(weight.shape)}, "
+                             f"got {tuple(mask.shape)}")
+
+
+def _check_radius_values(radius: torch.Tensor):
+    # The kernels check this inside their first pass over the data; the reference path pays
+    # for a separate reduction.
+    if not bool((radius >= 0).all()):
+        raise ValueError("radius must be >= 0 everywhere (no negative or NaN entries); build a "
+                         "box from bounds with robprune_fast.ops.box_from_bounds(lower, upper)")
+
+
+def _pair(value, name: str) -> list[int]:
+    values = [value, value] if isinstance(value, int) else list(value)
+    if len(values) != 2 or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def box_from_bounds(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lower, upper) -> (centre, radius), refusing lower > upper."""
+    _check_tensor(lower, "lower")
+    _check_tensor(upper, "upper", lower, "lower")
+    if upper.shape != lower.shape:
+        raise ValueError(f"upper must have the shape of lower {tuple(lower.shape)}, got {tuple(upper.shape)}")
+    if not bool((lower <= upper).all()):
+        raise ValueError("lower must be <= upper everywhere (found lower > upper or NaN)")
+    return (upper + lower) / 2, (upper - lower) / 2
+
+
+# --- |W * M|, made once per weight update ----------------------------------------------------
+
+# weight -> (key, mask weakref, pair), filled only inside weight_cache() scopes. Keyed on the
+# tensors' version counters, which every in-place update made through autograd-visible ops
+# bumps (optimiser steps, copy_, load_state_dict). Writes through `.data` bypass the counter,
+# and a stale |W * M| would give bounds for the wrong weights: hence a scope the caller opens
+# where it knows weights only change the visible way (evaluation, verification, PGD on bounds),
+# rather than a cache that is always on.
+_pair_cache = WeakIdKeyDictionary()
+_cache_depth = 0
+
+
+@contextlib.contextmanager
+def weight_cache():
+    """Within this scope the interval ops make W * M and |W * M| once per weight update and
+    reuse them across calls. Inside it, change weights and masks only through torch ops (an
+    optimiser step, copy_, load_state_dict), never through ``.data``."""
+    global _cache_depth
+    _cache_depth += 1
+    try:
+        yield
+    finally:
+        _cache_depth -= 1
+        if _cache_depth == 0:
+            _pair_cache.clear()
+
+
+def masked_weight_pair(weight: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A (2, *weight.shape) tensor holding weight * mask and |weight * mask|, in one pass."""
+    _check_tensor(weight, "weight")
+    if mask is not None:
+        _check_tensor(mask, "mask", weight, "weight")
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask must have the shape of weight {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if _use_kernel("masked_weight_pair", weight.device):
+        return _OPS.masked_weight_pair(weight, mask)
+    return reference.masked_weight_pair(weight, mask)
+
+
+def _cached_weight_pair(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    if _cache_depth == 0 or torch.compiler.is_compiling() or isinstance(weight, torch._subclasses.FakeTensor):
+        return None  # the kernel makes the pair itself
+    key = (weight._version, weight.data_ptr(), None if mask is None else (mask._version, mask.data_ptr()))
+    hit = _pair_cache.get(weight)
+    # A weak reference to the mask, not its id: a new mask may reuse a freed one's address.
+    if hit is not None and hit[0] == key and (hit[1]() if hit[1] is not None else None) is mask:
+        return hit[2]
+    with torch.no_grad():
+        pair = _OPS.masked_weight_pair(weight.detach(), None if mask is None else mask.detach())
+    _pair_cache[weight] = (key, None if mask is None else weakref.ref(mask), pair)
+    return pair
+
+
+# --- interval linear / conv2d ----------------------------------------------------------------
+
+def interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False, out_bounds=False):
+    """Output box of ``x -> F.linear(x, weight * mask, bias)`` for x in the box (center, radius).
+
+    center, radius: (*, in_features); weight: (out_features, in_features); mask: like weight.
+    relu_in: push the input box through ReLU first. out_bounds: return (lower, upper) instead of
+    (centre, radius). Returns two tensors of shape (*, out_features).
+    """
+    _check_interval_args(center, radius, weight, bias, mask, 2)
+    if center.dim() < 1 or center.shape[-1] != weight.shape[1]:
+        raise ValueError(f"center's last dimension must equal weight.size(1) (in_features = "
+                         f"{weight.shape[1]}), got shape {tuple(center.shape)}")
+    if _use_kernel("interval_linear", center.device):
+        return _OPS.interval_linear(center, radius, weight, bias, mask, _cached_weight_pair(weight, mask),
+                                    bool(relu_in), bool(out_bounds))
+    _check_radius_values(radius)
+    return reference.interval_linear(center, radius, weight, bias, mask, relu_in, out_bounds)
+
+
+def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padding=0, dilation=1,
+                    groups=1, relu_in=False, out_bounds=False):
+    """Output box of ``x -> F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)``
+    for x in the box (center, radius). center, radius: (N, C, H, W), any memory format.
+    relu_in and out_bounds as in interval_linear.
+    """
+    _check_interval_args(center, radius, weight, bias, mask, 4)
+    if center.dim() != 4:
+        raise ValueError(f"center must be 4-D (N, C, H, W), got shape {tuple(center.shape)}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if center.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"center has {center.shape[1]} channels but weight expects in_channels = "
+                         f"weight.size(1) * groups = {weight.shape[1] * groups}")
+    if _use_kernel("interval_conv2d", center.device):
+        return _OPS.interval_conv2d(center, radius, weight, bias, mask, _cached_weight_pair(weight, mask),
+                                    stride, padding, dilation, groups, bool(relu_in), bool(out_bounds))
+    _check_radius_values(radius)
+    return reference.interval_conv2d(center, radius, weight, bias, mask, stride, padding, dilation,
+                                     groups, relu_in, out_bounds)
+
+
+# --- fake kernels and autograd ---------------------------------------------------------------
+
+def _register_interval_op(name: str, layer_output) -> None:
+    """Fake kernel and autograd formula of interval_<name>.
+
+    Both ops take (center, radius, weight, bias, mask, weight_pair, *geometry, relu_in,
+    out_bounds); their backward ops take (grad_a, grad_b, center, radius, weight, mask,
+    weight_pair, *geometry, relu_in, out_bounds, output_mask). layer_output(center, weight,
+    geometry) gives an empty tensor shaped and laid out like the layer's output.
+    """
+    op = f"robprune_fast::interval_{name}"
+    backward_op = getattr(_OPS, f"interval_{name}_backward")
+
+    @torch.library.register_fake(op)
+    def _fake(center, radius, weight, bias, mask, weight_pair, *rest):
+        out = layer_output(center, weight, rest[:-2])
+        return out, torch.empty_like(out)
+
+    @torch.library.register_fake(f"{op}_backward")
+    def _fake_backward(grad_a, grad_b, center, radius, weight, mask, weight_pair, *rest):
+        need = rest[-1]
+        like = (center, center, weight, weight.new_empty(weight.shape[0]), weight)
+        return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, need))
+
+    def setup_context(ctx, inputs, output):
+        center, radius, weight, bias, mask, weight_pair, *rest = inputs
+        ctx.save_for_backward(center, radius, weight, mask, weight_pair)
+        ctx.rest = rest  # geometry, relu_in, out_bounds
+
+    def backward(ctx, grad_a, grad_b):
+        center, radius, weight, mask, weight_pair = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        need = [n[0], n[1], n[2], n[3], mask is not None and n[4]]
+        grads = backward_op(grad_a, grad_b, center, radius, weight, mask, weight_pair, *ctx.rest, need)
+        return (*[g if wanted else None for g, wanted in zip(grads, need)], None) + (None,) * len(ctx.rest)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _linear_output(center, weight, geometry):
+    return center.new_empty((*center.shape[:-1], weight.shape[0]))
+
+
+def _conv2d_output(center, weight, geometry):
+    stride, padding, dilation, groups = geometry
+    # conv2d on fake tensors gives the output's shape and memory format (channels_last in,
+    # channels_last out), exactly as the real kernel's ATen convolution does.
+    return F.conv2d(center, weight, None, stride, padding, dilation, groups)
+
+
+if _C is not None:
+    _register_interval_op("linear", _linear_output)
+    _register_interval_op("conv2d", _conv2d_output)
+
+    @torch.library.register_fake("robprune_fast::masked_weight_pair")
+    def _fake_masked_weight_pair(weight, mask):
+        return weight.new_empty((2, *weight.shape))

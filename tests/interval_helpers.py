@@ -1,0 +1,60 @@
+"""Shared checks for the interval ops' tests: kernel against reference twin (values and
+gradients), and soundness against sampled points of the input box."""
+import torch
+
+from robprune_fast import ops, reference
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
+
+# Soundness slack: the box is exact in real arithmetic; computed in floating point, a point
+# on the box's face may land a few ulps outside. This is the documented tolerance, relative
+# to the magnitude of the output bounds.
+SOUND_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+CUDA = [torch.device("cuda")] if torch.cuda.is_available() else []
+DEVICES = [torch.device("cpu")] + CUDA
+
+
+def make_box(shape, dtype, device, zero_radius_frac=0.1, generator=None):
+    center = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    radius = torch.rand(shape, dtype=dtype, device=device, generator=generator)
+    radius = radius * (torch.rand(shape, dtype=dtype, device=device, generator=generator) > zero_radius_frac)
+    return center, radius
+
+
+def compare_with_reference(name, tensors, options, dtype):
+    """Runs ops.<name> and reference.<name> on the same inputs; compares both outputs and the
+    gradients of every floating tensor input under a random cotangent."""
+    op, ref = getattr(ops, name), getattr(reference, name)
+    diff = {k: v for k, v in tensors.items() if v is not None}
+    a_in = {k: (v.detach().clone().requires_grad_(True) if k in diff else v) for k, v in tensors.items()}
+    b_in = {k: (v.detach().clone().requires_grad_(True) if k in diff else v) for k, v in tensors.items()}
+    out_a = op(**a_in, **options)
+    out_b = ref(**b_in, **options)
+    for got, want in zip(out_a, out_b):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    cotangents = [torch.randn_like(o) for o in out_b]
+    torch.autograd.backward(out_a, cotangents)
+    torch.autograd.backward(out_b, cotangents)
+    for k in diff:
+        torch.testing.assert_close(a_in[k].grad, b_in[k].grad, **TOL[dtype], msg=f"grad of {k}")
+
+
+def assert_sound(layer, center, radius, weight, bias, mask, options, samples=64):
+    """Points of the box (interior and corners), sent through the real layer, land inside the
+    op's output bounds."""
+    lower, upper = getattr(ops, layer["op"])(center, radius, weight, bias, mask,
+                                             **options, out_bounds=True)
+    slack = SOUND_SLACK[center.dtype] * (1 + torch.maximum(lower.abs(), upper.abs()).amax())
+    w = weight if mask is None else weight * mask
+    for i in range(samples):
+        u = torch.rand_like(center) * 2 - 1
+        if i % 2:  # corners, where the bounds are attained
+            u = u.sign()
+        x = center + radius * u
+        if options.get("relu_in"):
+            x = torch.relu(x)
+        y = layer["apply"](x, w, bias)
+        assert bool((y >= lower - slack).all()), f"sample {i} below the lower bound"
+        assert bool((y <= upper + slack).all()), f"sample {i} above the upper bound"
