@@ -5,7 +5,9 @@
 The C++ kernels are always built. The CUDA kernels are built when torch is a CUDA build and a
 CUDA toolkit is found (CUDA_HOME), or whenever FORCE_CUDA=1, which needs no GPU: that is how
 CI compile-checks them. FORCE_CUDA=0 builds the CPU kernels only. TORCH_CUDA_ARCH_LIST picks the
-architectures (default without a visible GPU: 8.0;9.0).
+architectures (default without a visible GPU: 8.0;9.0). ROBPRUNE_NO_EXT=1 installs the Python
+layer alone (every op then runs its pure-PyTorch twin); the Makefile uses it to register an
+editable install, then compiles in place with `setup.py build_ext --inplace`.
 
 Sources are found by glob (csrc/**/*.cpp, csrc/**/*.cu, pyext/*.cpp), the same patterns
 CMakeLists.txt uses, so no list of files is kept by hand.
@@ -50,7 +52,9 @@ def arch_token(arch_list):
 
 def extension():
     cpp = sources("csrc/**/*.cpp", "pyext/*.cpp")
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for in the kernels is OpenMP in torch's CPU builds; without the
+    # flag its pragmas are ignored and every CPU kernel runs on one thread.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not cuda_wanted():
         return CppExtension("robprune_fast._C", cpp, include_dirs=include_dirs,
@@ -70,7 +74,7 @@ setup(
     description="Fast kernels and a Python layer for compact, robust (pruned) neural networks",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("ROBPRUNE_NO_EXT") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "safetensors", "tqdm", "scikit-learn"],

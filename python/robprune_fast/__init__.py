@@ -4,14 +4,14 @@ The operators live in ``robprune_fast.ops`` (pure-PyTorch twins in ``robprune_fa
 """
 from __future__ import annotations
 
+import torch  # noqa: F401  (first: robprune_fast._C links against torch's libraries)
+
 __version__ = "0.1.0"
 
 
 def build_info() -> dict:
     """What the compiled extension holds: CPU-only or CUDA kernels, for which architectures,
     built against which torch; plus the torch and GPU this process runs with."""
-    import torch
-
     from . import ops
 
     info = {"extension_loaded": ops._C is not None, "torch_runtime": torch.__version__,

@@ -1,0 +1,226 @@
+"""Kernel microbenchmarks: python -m robprune_fast.bench [--device cuda] [--json out.json]
+
+Times interval bound propagation (IBP) through each layer of cnn_large and through the whole
+network, three ways, in one run so only ratios are compared:
+
+- fused:     robprune_fast.ops (the compiled kernels),
+- reference: robprune_fast.reference (separate conv/matmul calls for centre and radius, abs and
+             the elementwise steps as plain torch ops: what one writes without this package),
+- plain:     the ordinary, non-interval layer (conv/linear + ReLU), the floor's unit: an
+             interval pass does twice its FLOPs, so 2x plain is the floor.
+
+Forward runs inside ops.weight_cache() (weights fixed, as in evaluation and verification);
+forward+backward runs without it (in training the weights change every step). GFLOP/s are
+counted on the plain layer's FLOPs (x2 for interval passes) and set against the machine's
+measured float32 matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import build_info, ops, reference
+from .models import Normalize, build
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device, repeats: int) -> float:
+    """Measured float32 GEMM rate (GFLOP/s) on square matrices: the roofline's compute roof."""
+    n = 4096 if device.type == "cuda" else 1536
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / timeit(lambda: torch.mm(a, b), device, repeats) / 1e9
+
+
+def layer_flops(layer: nn.Module, y_shape) -> int:
+    """Multiply-adds x 2 of the plain layer."""
+    if isinstance(layer, nn.Conv2d):
+        k = layer.weight[0].numel()  # in_channels / groups * kh * kw
+        return 2 * k * y_shape.numel()
+    return 2 * layer.in_features * y_shape.numel()
+
+
+def interval_step(lib, layer, c, r, relu_in: bool, out_bounds: bool):
+    """One interval layer through lib (ops or reference)."""
+    if isinstance(layer, nn.Conv2d):
+        return lib.interval_conv2d(c, r, layer.weight, layer.bias, None, layer.stride, layer.padding,
+                                   layer.dilation, layer.groups, relu_in=relu_in, out_bounds=out_bounds)
+    return lib.interval_linear(c, r, layer.weight, layer.bias, None, relu_in=relu_in, out_bounds=out_bounds)
+
+
+def ibp_network(lib, model: nn.Sequential, x: torch.Tensor, eps: float, on_layer=None):
+    """IBP bounds (lower, upper) of model's logits over the eps-ball around x clipped to
+    [0, 1], through lib (ops or reference), each ReLU fused into the next layer as relu_in.
+    on_layer(name, layer, centre, radius, relu_in) sees every affine layer's input box."""
+    lower, upper = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    c, r = (upper + lower) / 2, (upper - lower) / 2
+    relu_pending = False
+    children = list(model.named_children())
+    for i, (name, layer) in enumerate(children):
+        if isinstance(layer, Normalize):
+            c, r = (c - layer.mean) / layer.std, r / layer.std
+        elif isinstance(layer, nn.ReLU):
+            relu_pending = True
+        elif isinstance(layer, nn.Flatten):
+            c, r = c.flatten(1), r.flatten(1)
+        else:
+            if on_layer is not None:
+                on_layer(f"{name}:{type(layer).__name__}", layer, c, r, relu_pending)
+            c, r = interval_step(lib, layer, c, r, relu_pending, out_bounds=i == len(children) - 1)
+            relu_pending = False
+    return c, r
+
+
+def bench_layers(model, x, device, repeats, eps=2 / 255):
+    """Per-layer rows: each affine layer of model timed on the input box it sees in IBP."""
+    inputs = []
+    with torch.no_grad():
+        ibp_network(reference, model, x, eps, on_layer=lambda *seen: inputs.append(seen))
+    rows = []
+    for name, layer, c_in, r_in, relu_in in inputs:
+        with torch.no_grad():
+            y = layer(torch.relu(c_in) if relu_in else c_in)
+        row = dict(layer=name, shape=list(c_in.shape), plain_gflop=layer_flops(layer, y.shape) / 1e9)
+        for mode in ("forward", "forward+backward"):
+            row[mode] = time_variants(layer, c_in, r_in, relu_in, device, repeats, mode)
+        rows.append(row)
+    return rows
+
+
+def time_variants(layer, c, r, relu_in, device, repeats, mode):
+    backward = mode == "forward+backward"
+    grad_ctx = torch.enable_grad if backward else torch.no_grad
+
+    def interval(lib):
+        def run():
+            with grad_ctx():
+                a, b = interval_step(lib, layer, c, r, relu_in, out_bounds=True)
+                if backward:
+                    (b.sum() - a.sum()).backward()
+        return run
+
+    def plain():
+        with grad_ctx():
+            y = layer(torch.relu(c) if relu_in else c)
+            if backward:
+                y.sum().backward()
+
+    cache = ops.weight_cache() if not backward else contextlib.nullcontext()
+    with cache:
+        times = dict(fused=timeit(interval(ops), device, repeats),
+                     reference=timeit(interval(reference), device, repeats),
+                     plain=timeit(plain, device, repeats))
+    layer.zero_grad(set_to_none=True)
+    return times
+
+
+def bench_network(model, x, device, repeats, eps=2 / 255):
+    rows = {}
+    for mode in ("forward", "forward+backward"):
+        backward = mode == "forward+backward"
+        grad_ctx = torch.enable_grad if backward else torch.no_grad
+
+        def interval(lib):
+            def run():
+                with grad_ctx():
+                    lower, upper = ibp_network(lib, model, x, eps)
+                    if backward:
+                        (upper.sum() - lower.sum()).backward()
+            return run
+
+        def plain():
+            with grad_ctx():
+                y = model(x)
+                if backward:
+                    y.sum().backward()
+
+        with ops.weight_cache() if not backward else contextlib.nullcontext():
+            rows[mode] = dict(fused=timeit(interval(ops), device, repeats),
+                              reference=timeit(interval(reference), device, repeats),
+                              plain=timeit(plain, device, repeats))
+        model.zero_grad(set_to_none=True)
+    return rows
+
+
+def check_agreement(model, x):
+    """The fused and reference networks must agree before their times mean anything."""
+    with torch.no_grad():
+        fused = ibp_network(ops, model, x, 2 / 255)
+        ref = ibp_network(reference, model, x, 2 / 255)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def format_table(result) -> str:
+    lines = [f"device: {result['device']}; batch {result['batch']}; matmul peak "
+             f"{result['matmul_gflops']:.0f} GFLOP/s; torch {result['torch']}; threads {result['threads']}", "",
+             "| layer | mode | fused ms | reference ms | plain ms | fused / plain | reference / fused | fused GFLOP/s | % of peak |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    peak = result["matmul_gflops"]
+    entries = [(row["layer"], row["plain_gflop"], row) for row in result["layers"]]
+    entries.append(("whole cnn_large", result["network_gflop"], result["network"]))
+    for name, gflop, row in entries:
+        for mode in ("forward", "forward+backward"):
+            t = row[mode]
+            # FLOPs of an interval pass: 2x plain forward; backward adds 2x that again.
+            work = 2 * gflop * (3 if mode == "forward+backward" else 1)
+            rate = work / t["fused"]
+            lines.append(f"| {name} | {mode} | {t['fused'] * 1e3:.2f} | {t['reference'] * 1e3:.2f} | "
+                         f"{t['plain'] * 1e3:.2f} | {t['fused'] / t['plain']:.2f}x | "
+                         f"{t['reference'] / t['fused']:.2f}x | {rate:.0f} | {100 * rate / peak:.0f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be positive")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build("cnn_large").to(device)
+    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    check_agreement(model, x)
+    layers = bench_layers(model, x, device, args.repeats)
+    result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                  batch=args.batch, torch=torch.__version__, threads=torch.get_num_threads(),
+                  build=build_info(), matmul_gflops=matmul_peak(device, args.repeats), layers=layers,
+                  network_gflop=sum(row["plain_gflop"] for row in layers),
+                  network=bench_network(model, x, device, args.repeats))
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

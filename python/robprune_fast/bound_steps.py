@@ -1,0 +1,173 @@
+"""The backward linear-bound steps of CROWN, as small standalone functions.
+
+These are the pure-PyTorch versions of the steps the fused kernels will implement (they then become
+the kernels' reference twins).  They know nothing of models: ``bounds`` walks a network and calls them.
+
+Linear bounds.  CROWN bounds a linear function of the network's output, ``A_out @ f(x)``, by walking
+the layers backwards.  At every point of the walk the bound reads, per batch element b and
+specification row s,
+
+    sum over neurons n of A[b, s, n] * h[b, n]  +  bias[b, s]
+
+where h is the input of the layer reached so far.  Every step below rewrites the A of a layer's
+output into the A of its input and returns the increment of ``bias``.
+
+Shapes.  ``A`` has shape (B, S, *neuron_shape): B batch elements, S specification rows, the neuron
+shape of the layer (e.g. (C, H, W) for a conv feature map, (N,) for a linear layer).  B may be 1 while
+the walk has not crossed a ReLU: every layer before the first ReLU is the same for the whole batch, so
+A broadcasts over it.  Bias increments have shape (B, S) (or (1, S)).  Pre-activation bounds
+``lower``/``upper`` have shape (B, *neuron_shape).
+
+Lower and upper sides.  A lower bound of ``A @ h`` and an upper bound of ``A_u @ h`` are two
+independent walks; they differ only at ReLUs, where a positive coefficient needs the lower
+relaxation of ReLU on the lower side and the upper relaxation on the upper side.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _sum_neurons(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the neuron dims of a (B, S, *neuron_shape) tensor -> (B, S)."""
+    return t.flatten(2).sum(-1)
+
+
+def backward_linear(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None):
+    """Step back through ``y = F.linear(h, weight * mask, bias)``.
+
+    A: (B, S, out_features); weight, mask: (out_features, in_features); bias: (out_features,).
+    Returns (A @ W of shape (B, S, in_features), A @ bias of shape (B, S) or None without bias).
+    """
+    w = weight if mask is None else weight * mask
+    bias_term = None if bias is None else A @ bias
+    return A @ w, bias_term
+
+
+def backward_conv2d(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    mask: torch.Tensor | None, input_shape, stride=1, padding=0, dilation=1,
+                    groups=1):
+    """Step back through ``y = F.conv2d(h, weight * mask, bias, stride, padding, dilation, groups)``.
+
+    A: (B, S, C_out, H_out, W_out); input_shape: (C_in, H_in, W_in) of h.  The transpose of a
+    convolution is the transposed convolution with the same weight.  When (H_in + 2 padding -
+    kernel extent) is not a multiple of the stride, the forward pass drops the last rows/columns of
+    the padded input; output_padding (always < stride) restores the input size, placing them
+    correctly (they may still hold real input pixels that some window reads).
+    Returns (A of shape (B, S, C_in, H_in, W_in), bias term of shape (B, S) or None).
+    """
+    w = weight if mask is None else weight * mask
+    b, s = A.shape[:2]
+    c_in, h_in, w_in = input_shape
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    k_h, k_w = weight.shape[-2:]
+    extra = tuple(size - ((n_out - 1) * st - 2 * p + d * (k - 1) + 1) for size, n_out, st, p, d, k
+                  in zip((h_in, w_in), A.shape[-2:], stride, padding, dilation, (k_h, k_w)))
+    out = F.conv_transpose2d(A.reshape(b * s, *A.shape[2:]), w, None, stride, padding, extra,
+                             groups, dilation)
+    bias_term = None if bias is None else A.sum((-2, -1)) @ bias
+    return out.reshape(b, s, c_in, h_in, w_in), bias_term
+
+
+def backward_scale(A: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None):
+    """Step back through the element-wise affine map ``y = h * scale + shift``.
+
+    scale, shift broadcast against the neuron shape (per-channel (C, 1, 1) for batch norm and
+    input normalisation).  Returns (A * scale, sum_n A * shift of shape (B, S) or None).
+    """
+    bias_term = None if shift is None else _sum_neurons(A * shift)
+    return A * scale, bias_term
+
+
+def backward_avg_pool2d(A: torch.Tensor, input_shape, kernel_size, stride, padding, ceil_mode,
+                        count_include_pad, divisor_override):
+    """Step back through ``F.avg_pool2d`` (a linear map without bias): A -> A @ P.
+
+    A: (B, S, C, H_out, W_out); input_shape: (C, H_in, W_in).  Uses the pooling's own adjoint
+    (aten's avg_pool2d_backward), which only reads the shape of its ``self`` argument.
+    """
+    b, s = A.shape[:2]
+    shape_ref = A.new_zeros(()).expand(b * s, *input_shape)
+    out = torch.ops.aten.avg_pool2d_backward(A.reshape(b * s, *A.shape[2:]), shape_ref,
+                                             kernel_size, stride, padding, ceil_mode,
+                                             count_include_pad, divisor_override)
+    return out.reshape(b, s, *input_shape), None
+
+
+def backward_adaptive_avg_pool2d(A: torch.Tensor, input_shape):
+    """Step back through ``F.adaptive_avg_pool2d`` to an input of shape (C, H_in, W_in).
+
+    A: (B, S, C, H_out, W_out).  Uses aten's adjoint, which only reads the shape of ``self``.
+    """
+    b, s = A.shape[:2]
+    shape_ref = A.new_zeros(()).expand(b * s, *input_shape)
+    out = torch.ops.aten._adaptive_avg_pool2d_backward(A.reshape(b * s, *A.shape[2:]), shape_ref)
+    return out.reshape(b, s, *input_shape), None
+
+
+def relu_relaxation(lower: torch.Tensor, upper: torch.Tensor):
+    """CROWN's linear relaxation of ReLU on [lower, upper], element-wise.
+
+    Returns (upper_slope, upper_intercept, lower_slope) such that for every z in [lower, upper]
+
+        lower_slope * z  <=  relu(z)  <=  upper_slope * z + upper_intercept.
+
+    Active neurons (lower >= 0): both slopes 1.  Inactive (upper <= 0): both 0.  Unstable: the upper
+    line is the chord u (z - l) / (u - l); the lower slope is CROWN's adaptive choice, 1 when
+    u >= -l and 0 otherwise (the one of the two lines with the smaller area between it and ReLU).
+    """
+    active = lower >= 0
+    unstable = (lower < 0) & (upper > 0)
+    # Guard the division outside the unstable set, so no inf/NaN reaches autograd.
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    chord = upper / width
+    upper_slope = torch.where(unstable, chord, active.to(upper.dtype))
+    upper_intercept = torch.where(unstable, -chord * lower, torch.zeros_like(upper))
+    lower_slope = torch.where(unstable, (upper >= -lower).to(upper.dtype), active.to(upper.dtype))
+    return upper_slope, upper_intercept, lower_slope
+
+
+def backward_relu(A_lower: torch.Tensor | None, A_upper: torch.Tensor | None,
+                  lower: torch.Tensor, upper: torch.Tensor):
+    """Step back through ``y = relu(z)`` given pre-activation bounds lower <= z <= upper.
+
+    A_lower: coefficients of the lower-bound walk, A_upper: of the upper-bound walk, each
+    (B or 1, S, *neuron_shape) or None to skip that side.  lower, upper: (B, *neuron_shape).
+
+    Lower side: a positive coefficient takes the lower relaxation, a negative one the upper
+    relaxation (whose intercept then adds to the bias); the upper side is the mirror image.
+    Returns (A_lower', bias_lower, A_upper', bias_upper), each (B, S, ...) / (B, S), None for a
+    skipped side.
+    """
+    upper_slope, upper_intercept, lower_slope = (t.unsqueeze(1) for t in
+                                                 relu_relaxation(lower, upper))
+
+    def side(A, pos_slope, neg_slope, intercept_of_neg: bool):
+        if A is None:
+            return None, None
+        pos, neg = A.clamp(min=0), A.clamp(max=0)
+        bias_term = _sum_neurons((neg if intercept_of_neg else pos) * upper_intercept)
+        return pos * pos_slope + neg * neg_slope, bias_term
+
+    new_lower, bias_lower = side(A_lower, lower_slope, upper_slope, intercept_of_neg=True)
+    new_upper, bias_upper = side(A_upper, upper_slope, lower_slope, intercept_of_neg=False)
+    return new_lower, bias_lower, new_upper, bias_upper
+
+
+def concretize(A: torch.Tensor, bias, center: torch.Tensor, radius: torch.Tensor, upper: bool):
+    """Bound ``A @ x + bias`` over the input box |x - center| <= radius.
+
+    A: (B or 1, S, *input_shape); center, radius: (B, *input_shape); bias: (B or 1, S) or 0.
+    Returns the lower bound A c - |A| r + bias, or with ``upper`` the upper bound A c + |A| r + bias,
+    of shape (B, S).  Exact for a linear function over a box.
+    """
+    flat = A.flatten(2)
+    mid = flat @ center.flatten(1).unsqueeze(-1)
+    spread = flat.abs() @ radius.flatten(1).unsqueeze(-1)
+    out = (mid + spread if upper else mid - spread).squeeze(-1)
+    return out + bias
