@@ -30,7 +30,8 @@ struct BoxKernels {
   static void to_bounds_(const at::Tensor& a, const at::Tensor& b);
   static std::tuple<at::Tensor, at::Tensor> to_bounds_backward(const at::Tensor& g_lower,
                                                                const at::Tensor& g_upper);
-  // A (2, *w.shape) tensor holding w * mask and |w * mask| (w and |w| without a mask).
+  // A (2, *w.shape) tensor holding w * mask and |w * mask| (w and |w| without a mask), each
+  // half laid out like w.
   static at::Tensor weight_pair(const at::Tensor& w, const c10::optional<at::Tensor>& mask);
   // (grad weight, grad mask); an output not wanted is returned undefined.
   static std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g_c,

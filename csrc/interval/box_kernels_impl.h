@@ -7,6 +7,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/empty_like.h>
 
 namespace robprune {
@@ -71,9 +72,11 @@ std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::to_bounds_backward(
 template <class Backend>
 at::Tensor BoxKernels<Backend>::weight_pair(const at::Tensor& w,
                                             const c10::optional<at::Tensor>& mask) {
-  std::vector<int64_t> shape{2};
+  // Each half laid out like w (w is dense), so a channels_last weight gives channels_last halves.
+  std::vector<int64_t> shape{2}, strides{w.numel()};
   shape.insert(shape.end(), w.sizes().begin(), w.sizes().end());
-  at::Tensor pair = at::empty(shape, w.options());
+  strides.insert(strides.end(), w.strides().begin(), w.strides().end());
+  at::Tensor pair = at::empty_strided(shape, strides, w.options());
   const int64_t n = w.numel();
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "robprune_box_weight_pair", [&] {
     scalar_t* out = pair.data_ptr<scalar_t>();

@@ -85,8 +85,15 @@ void check_conv_geometry(const at::Tensor& center, const at::Tensor& weight,
   }
 }
 
-c10::optional<at::Tensor> contiguous_opt(const c10::optional<at::Tensor>& t) {
-  return t ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+// Weight-shaped tensors are laid out in the weight's own memory format: channels_last weights
+// keep oneDNN's channels_last convolutions free of reorders, and the flat box kernels need
+// every weight-shaped operand laid out alike.
+at::Tensor weight_like(const at::Tensor& t, const at::Tensor& weight) {
+  return t.contiguous(weight.suggest_memory_format());
+}
+
+c10::optional<at::Tensor> weight_like(const c10::optional<at::Tensor>& t, const at::Tensor& weight) {
+  return t ? c10::optional<at::Tensor>(weight_like(*t, weight)) : c10::nullopt;
 }
 
 at::Tensor empty_if_unused(const at::Tensor& t, const at::Tensor& like) {
@@ -105,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> affine_forward(
     using K = BoxKernels<typename decltype(tag)::type>;
     auto [c, r] = K::prologue(center, radius, relu_in);
     const at::Tensor pair =
-        weight_pair ? *weight_pair : K::weight_pair(weight.contiguous(), contiguous_opt(mask));
+        weight_pair ? *weight_pair : K::weight_pair(weight_like(weight, weight), weight_like(mask, weight));
     at::Tensor a = k.forward(c, pair[0], bias);
     at::Tensor b = k.forward(r, pair[1], c10::nullopt);
     if (out_bounds) {
@@ -129,8 +136,8 @@ Grads5 affine_backward(const Contraction& k, const at::Tensor& grad_a, const at:
     if (out_bounds) std::tie(g_out_c, g_out_r) = K::to_bounds_backward(g_out_c, g_out_r);
 
     auto [c, r] = K::prologue(center, radius, relu_in);
-    const at::Tensor w = weight.contiguous();
-    const c10::optional<at::Tensor> m = contiguous_opt(mask);
+    const at::Tensor w = weight_like(weight, weight);
+    const c10::optional<at::Tensor> m = weight_like(mask, weight);
     const at::Tensor pair = weight_pair ? *weight_pair : K::weight_pair(w, m);
     const bool need_in = need[0] || need[1], need_w = need[2] || (need[4] && m);
     auto [g_c, g_wc, g_bias] = k.backward(g_out_c, c, pair[0], {need_in, need_w, need[3]});
@@ -143,7 +150,8 @@ Grads5 affine_backward(const Contraction& k, const at::Tensor& grad_a, const at:
       if (relu_in) std::tie(g_c, g_r) = K::prologue_backward(g_c, g_r, center, radius);
     }
     at::Tensor g_w, g_m;
-    if (need_w) std::tie(g_w, g_m) = K::weight_grad(g_wc.contiguous(), g_wr.contiguous(), w, m, need[2], need[4]);
+    if (need_w) std::tie(g_w, g_m) = K::weight_grad(weight_like(g_wc, w), weight_like(g_wr, w), w, m,
+                                                     need[2], need[4]);
     return Grads5{empty_if_unused(need[0] ? g_c : at::Tensor(), center),
                   empty_if_unused(need[1] ? g_r : at::Tensor(), center), empty_if_unused(g_w, center),
                   empty_if_unused(g_bias, center), empty_if_unused(g_m, center)};
@@ -165,8 +173,8 @@ at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::
     check_same_shape(*mask, "mask", weight, "weight");
   }
   return with_backend(weight, [&](auto tag) {
-    return BoxKernels<typename decltype(tag)::type>::weight_pair(weight.contiguous(),
-                                                                 contiguous_opt(mask));
+    return BoxKernels<typename decltype(tag)::type>::weight_pair(weight_like(weight, weight),
+                                                                 weight_like(mask, weight));
   });
 }
 

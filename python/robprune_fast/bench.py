@@ -177,7 +177,7 @@ def check_agreement(model, x):
 
 
 def format_table(result) -> str:
-    lines = [f"device: {result['device']}; batch {result['batch']}; matmul peak "
+    lines = [f"device: {result['device']}; batch {result['batch']}; {result['memory_format']}; matmul peak "
              f"{result['matmul_gflops']:.0f} GFLOP/s; torch {result['torch']}; threads {result['threads']}", "",
              "| layer | mode | fused ms | reference ms | plain ms | fused / plain | reference / fused | fused GFLOP/s | % of peak |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -201,18 +201,21 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run every variant (plain included) in channels_last memory format")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be positive")
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build("cnn_large").to(device)
-    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = build("cnn_large").to(device, memory_format=layout)
+    x = torch.rand(args.batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
     check_agreement(model, x)
     layers = bench_layers(model, x, device, args.repeats)
     result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                  batch=args.batch, torch=torch.__version__, threads=torch.get_num_threads(),
+                  batch=args.batch, memory_format="channels_last" if args.channels_last else "contiguous", torch=torch.__version__, threads=torch.get_num_threads(),
                   build=build_info(), matmul_gflops=matmul_peak(device, args.repeats), layers=layers,
                   network_gflop=sum(row["plain_gflop"] for row in layers),
                   network=bench_network(model, x, device, args.repeats))

@@ -643,6 +643,44 @@ def _compute_dtype(x, dtype):
     return dtype
 
 
+def _check_spec(C, x, dtype):
+    if C is None:
+        return None
+    if not torch.is_tensor(C) or C.dim() not in (2, 3):
+        raise ValueError("C must be a tensor of shape (B, S, K) or (S, K), got "
+                         f"{getattr(C, 'shape', type(C).__name__)}")
+    return C.to(device=x.device, dtype=dtype)
+
+
+def _ibp_stage(model, x, eps, C, dtype, method):
+    """Compile the model and run IBP over the input box: every ReLU records its pre-activation
+    bounds.  Returns (ops, input box, (lower, upper) of the output or of C @ output, C as (B, S, K)).
+    Must run inside ``exact_float``."""
+    seq = _compile(model, "", dtype)
+    if method != "ibp":
+        for op in seq:
+            if not op.supports_crown:
+                raise NotImplementedError(f"method {method!r} does not support layer {op.name}"
+                                          f"; use method='ibp'")
+    box = _box_from_bounds((x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
+    if _needs_clean(seq):
+        _clean_walk(seq, x)
+    out, C = _ibp_output(seq, *box, C)
+    return seq, box, out, C
+
+
+def _relu_bound_dict(seq):
+    """ReLU name -> (lower, upper) of its pre-activation; a module run twice gets a ':2' suffix."""
+    relu_bounds = {}
+    for op in _relu_ops(seq):
+        name, k = op.name, 1
+        while name in relu_bounds:
+            k += 1
+            name = f"{op.name}:{k}"
+        relu_bounds[name] = (op.lower, op.upper)
+    return relu_bounds
+
+
 def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-ibp",
                   C: torch.Tensor | None = None, *, upper: bool = True,
                   intersect_ibp: bool = False, max_memory: int = DEFAULT_MAX_MEMORY,
@@ -657,22 +695,9 @@ def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-i
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
     dtype = _compute_dtype(x, dtype)
     x, eps = _check_input(x, eps, dtype)
-    if C is not None:
-        if not torch.is_tensor(C) or C.dim() not in (2, 3):
-            raise ValueError("C must be a tensor of shape (B, S, K) or (S, K), got "
-                             f"{getattr(C, 'shape', type(C).__name__)}")
-        C = C.to(device=x.device, dtype=dtype)
+    C = _check_spec(C, x, dtype)
     with exact_float():
-        seq = _compile(model, "", dtype)
-        if method != "ibp":
-            for op in seq:
-                if not op.supports_crown:
-                    raise NotImplementedError(f"method {method!r} does not support layer {op.name}"
-                                              f"; use method='ibp'")
-        box = _box_from_bounds((x - eps).clamp(0, 1), (x + eps).clamp(0, 1))
-        if _needs_clean(seq):
-            _clean_walk(seq, x)
-        (lower, upper_bound), C = _ibp_output(seq, *box, C)
+        seq, box, (lower, upper_bound), C = _ibp_stage(model, x, eps, C, dtype, method)
         if method != "ibp":
             if method == "crown":
                 _crown_intermediate(seq, box, intersect_ibp, max_memory)
@@ -686,13 +711,7 @@ def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-i
             if intersect_ibp:
                 lower = torch.maximum(lower, ibp_lower)
                 upper_bound = None if upper_bound is None else torch.minimum(upper_bound, ibp_upper)
-        relu_bounds = {}
-        for op in _relu_ops(seq):
-            name, k = op.name, 1
-            while name in relu_bounds:
-                k += 1
-                name = f"{op.name}:{k}"
-            relu_bounds[name] = (op.lower, op.upper)
+        relu_bounds = _relu_bound_dict(seq)
     return Bounds(lower, upper_bound if upper else None, relu_bounds)
 
 
@@ -715,6 +734,55 @@ def compute_bounds(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-
     b = bound_details(model, x, eps, method, C, upper=upper, intersect_ibp=intersect_ibp,
                       max_memory=max_memory, dtype=dtype)
     return b.lower, b.upper
+
+
+@dataclasses.dataclass
+class TrainingBounds:
+    """What ``training_bounds`` returns.
+
+    ibp_lower, ibp_upper: (B, S) IBP bounds of ``C @ logits``.  crown_lower, crown_upper: (B, S')
+    CROWN-IBP bounds of ``crown_spec @ logits``, None when not asked for.  relu_bounds: as in
+    ``Bounds`` (IBP's pre-activation bounds, which CROWN-IBP also uses).
+    """
+    ibp_lower: torch.Tensor
+    ibp_upper: torch.Tensor
+    crown_lower: torch.Tensor | None
+    crown_upper: torch.Tensor | None
+    relu_bounds: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def training_bounds(model: nn.Module, x: torch.Tensor, eps, C: torch.Tensor, crown_spec=None, *,
+                    crown_lower: bool = True, crown_upper: bool = False,
+                    max_memory: int = DEFAULT_MAX_MEMORY,
+                    dtype: torch.dtype | None = None) -> TrainingBounds:
+    """One IBP pass and, optionally, one CROWN-IBP backward sweep sharing it (for training).
+
+    IBP bounds ``C @ logits`` (C folded into the last Linear) and records every ReLU's
+    pre-activation bounds.  ``crown_spec`` is None (no CROWN sweep), a tensor (B, S', K), or a
+    callable ``(ibp_lower, ibp_upper) -> tensor (B, S', K)`` for specifications built from IBP's
+    own output bounds (loss fusion); the sweep then bounds ``crown_spec @ logits`` from the lower
+    and/or upper side.  Both results come from one IBP pass, so CROWN-IBP training with IBP's
+    bounds mixed in (the beta schedule) pays for IBP once.  Differentiable; argument checks and
+    floating-point rules as in ``compute_bounds``.
+    """
+    if C is None:
+        raise ValueError("C must be a specification tensor (B, S, K) or (S, K), got None")
+    if not (isinstance(max_memory, int) and max_memory > 0):
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    if crown_spec is not None and not (crown_lower or crown_upper):
+        raise ValueError("crown_spec needs crown_lower or crown_upper")
+    dtype = _compute_dtype(x, dtype)
+    x, eps = _check_input(x, eps, dtype)
+    C = _check_spec(C, x, dtype)
+    crown_lo = crown_up = None
+    with exact_float():
+        method = "ibp" if crown_spec is None else "crown-ibp"
+        seq, box, (ibp_lower, ibp_upper), C = _ibp_stage(model, x, eps, C, dtype, method)
+        if crown_spec is not None:
+            spec = crown_spec(ibp_lower, ibp_upper) if callable(crown_spec) else crown_spec
+            spec = _expand_spec(_check_spec(spec, x, dtype), x.shape[0], seq[-1].out_shape[0])
+            crown_lo, crown_up = _crown(seq, spec, box, crown_lower, crown_upper, max_memory)
+        return TrainingBounds(ibp_lower, ibp_upper, crown_lo, crown_up, _relu_bound_dict(seq))
 
 
 def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:

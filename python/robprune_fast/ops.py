@@ -267,4 +267,13 @@ if _C is not None:
 
     @torch.library.register_fake("robprune_fast::masked_weight_pair")
     def _fake_masked_weight_pair(weight, mask):
-        return weight.new_empty((2, *weight.shape))
+        # Each half is laid out like the weight (channels_last stays channels_last).
+        half = torch.empty_like(weight, memory_format=_suggested_format(weight))
+        return weight.new_empty_strided((2, *weight.shape), (weight.numel(), *half.stride()))
+
+
+def _suggested_format(t: torch.Tensor) -> torch.memory_format:
+    """Python twin of ATen's suggest_memory_format for dense 4-D tensors."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
