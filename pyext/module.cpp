@@ -1,6 +1,7 @@
 // The binding layer: operator schemas (TORCH_LIBRARY), their CPU and CUDA registrations, and
 // the Python module robprune_fast._C, whose import loads them into torch.ops.robprune_fast.
 // Autograd formulas and fake (meta) kernels are registered from Python, in ops.py.
+#include "../csrc/interval/crown_relu_ops.h"
 #include "../csrc/interval/interval_ops.h"
 
 #include <torch/library.h>
@@ -35,6 +36,10 @@ TORCH_LIBRARY(robprune_fast, m) {
       "Tensor weight, Tensor? mask, Tensor? weight_pair, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, bool relu_in, bool out_bounds, bool[5] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("crown_relu_backward(Tensor A, Tensor lower, Tensor upper, bool upper_side) -> (Tensor, Tensor)");
+  m.def(
+      "crown_relu_backward_grad(Tensor grad_A_out, Tensor grad_bias, Tensor A, Tensor lower, "
+      "Tensor upper, bool upper_side) -> (Tensor, Tensor, Tensor)");
 }
 
 // One implementation per op serves both devices: it picks the CPU or CUDA box kernels from
@@ -45,6 +50,8 @@ static void register_interval_ops(torch::Library& m) {
   m.impl("interval_linear_backward", &robprune::interval_linear_backward);
   m.impl("interval_conv2d", &robprune::interval_conv2d);
   m.impl("interval_conv2d_backward", &robprune::interval_conv2d_backward);
+  m.impl("crown_relu_backward", &robprune::crown_relu_backward);
+  m.impl("crown_relu_backward_grad", &robprune::crown_relu_backward_grad);
 }
 
 TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_interval_ops(m); }

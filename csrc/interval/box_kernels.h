@@ -6,15 +6,14 @@
 // same memory format); callers arrange that with .contiguous(memory_format).
 #pragma once
 
+#include <robprune/backend.h>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
 
 namespace robprune {
-
-struct CpuBackend;
-struct CudaBackend;
 
 template <class Backend>
 struct BoxKernels {

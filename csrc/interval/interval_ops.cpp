@@ -6,31 +6,13 @@
 #include "box_kernels.h"
 #include "contractions.h"
 
+#include <robprune/backend.h>
 #include <robprune/checks.h>
 
 #include <ATen/ops/empty.h>
 
 namespace robprune {
 namespace {
-
-template <class Backend>
-struct Tag {
-  using type = Backend;
-};
-
-// Runs fn(Tag<Backend>) with the backend of t's device.
-template <class Fn>
-decltype(auto) with_backend(const at::Tensor& t, Fn&& fn) {
-  if (t.is_cuda()) {
-#ifdef ROBPRUNE_WITH_CUDA
-    return fn(Tag<CudaBackend>{});
-#else
-    TORCH_CHECK(false, "robprune_fast was built without its CUDA kernels; rebuild with FORCE_CUDA=1");
-#endif
-  }
-  TORCH_CHECK(t.is_cpu(), "robprune_fast kernels run on CPU and CUDA tensors, got ", t.device());
-  return fn(Tag<CpuBackend>{});
-}
 
 // Shared checks of an interval layer's arguments; weight_dim is 2 (linear) or 4 (conv2d).
 void check_interval_args(const at::Tensor& center, const at::Tensor& radius,

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
@@ -110,52 +112,21 @@ def backward_adaptive_avg_pool2d(A: torch.Tensor, input_shape):
     return out.reshape(b, s, *input_shape), None
 
 
-def relu_relaxation(lower: torch.Tensor, upper: torch.Tensor):
-    """CROWN's linear relaxation of ReLU on [lower, upper], element-wise.
-
-    Returns (upper_slope, upper_intercept, lower_slope) such that for every z in [lower, upper]
-
-        lower_slope * z  <=  relu(z)  <=  upper_slope * z + upper_intercept.
-
-    Active neurons (lower >= 0): both slopes 1.  Inactive (upper <= 0): both 0.  Unstable: the upper
-    line is the chord u (z - l) / (u - l); the lower slope is CROWN's adaptive choice, 1 when
-    u >= -l and 0 otherwise (the one of the two lines with the smaller area between it and ReLU).
-    """
-    active = lower >= 0
-    unstable = (lower < 0) & (upper > 0)
-    # Guard the division outside the unstable set, so no inf/NaN reaches autograd.
-    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
-    chord = upper / width
-    upper_slope = torch.where(unstable, chord, active.to(upper.dtype))
-    upper_intercept = torch.where(unstable, -chord * lower, torch.zeros_like(upper))
-    lower_slope = torch.where(unstable, (upper >= -lower).to(upper.dtype), active.to(upper.dtype))
-    return upper_slope, upper_intercept, lower_slope
-
-
 def backward_relu(A_lower: torch.Tensor | None, A_upper: torch.Tensor | None,
                   lower: torch.Tensor, upper: torch.Tensor):
     """Step back through ``y = relu(z)`` given pre-activation bounds lower <= z <= upper.
 
     A_lower: coefficients of the lower-bound walk, A_upper: of the upper-bound walk, each
     (B or 1, S, *neuron_shape) or None to skip that side.  lower, upper: (B, *neuron_shape).
-
-    Lower side: a positive coefficient takes the lower relaxation, a negative one the upper
-    relaxation (whose intercept then adds to the bias); the upper side is the mirror image.
+    Each side is one fused kernel, ``ops.crown_relu_backward`` (relaxation, split into positive
+    and negative parts, scaling and intercept accumulation in one pass over A).
     Returns (A_lower', bias_lower, A_upper', bias_upper), each (B, S, ...) / (B, S), None for a
     skipped side.
     """
-    upper_slope, upper_intercept, lower_slope = (t.unsqueeze(1) for t in
-                                                 relu_relaxation(lower, upper))
-
-    def side(A, pos_slope, neg_slope, intercept_of_neg: bool):
-        if A is None:
-            return None, None
-        pos, neg = A.clamp(min=0), A.clamp(max=0)
-        bias_term = _sum_neurons((neg if intercept_of_neg else pos) * upper_intercept)
-        return pos * pos_slope + neg * neg_slope, bias_term
-
-    new_lower, bias_lower = side(A_lower, lower_slope, upper_slope, intercept_of_neg=True)
-    new_upper, bias_upper = side(A_upper, upper_slope, lower_slope, intercept_of_neg=False)
+    new_lower, bias_lower = (None, None) if A_lower is None else ops.crown_relu_backward(
+        A_lower, lower, upper, upper_side=False)
+    new_upper, bias_upper = (None, None) if A_upper is None else ops.crown_relu_backward(
+        A_upper, lower, upper, upper_side=True)
     return new_lower, bias_lower, new_upper, bias_upper
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import attacks
+from . import attacks, bounds
 from .data import Split
 from .objectives import eval_mode
 
@@ -26,9 +26,13 @@ def _batches(split: Split, n: int | None, batch_size: int, device: torch.device)
 def evaluate(model: torch.nn.Module, split: Split, *, eps: float, device="cpu", batch_size: int = 256,
              n: int | None = None, pgd_steps: int = 50, pgd_restarts: int = 1,
              step_size: float | None = None, norm: str = "linf", autoattack_n: int = 0,
-             seed: int = 0) -> dict:
+             seed: int = 0, verify: tuple[str, ...] = ()) -> dict:
     """Accuracies on the first ``n`` points of ``split`` (all if None); AutoAttack on the first
-    ``autoattack_n`` of those (0: skip).  PGD's default step is 2.5 * eps / steps."""
+    ``autoattack_n`` of those (0: skip).  PGD's default step is 2.5 * eps / steps.
+
+    ``verify``: bound methods ("ibp", "crown-ibp", "crown") whose verified accuracy to report on
+    the same points (L-inf only), with unstable-ReLU counts; ``verified_but_attacked`` counts points
+    some method certified yet PGD broke, which a sound verifier never allows (must be 0)."""
     device = torch.device(device)
     model = model.to(device)
     step_size = 2.5 * eps / pgd_steps if step_size is None else step_size
@@ -52,6 +56,9 @@ def evaluate(model: torch.nn.Module, split: Split, *, eps: float, device="cpu", 
             "pgd": {"eps": eps, "norm": norm, "steps": pgd_steps, "restarts": pgd_restarts,
                     "step_size": step_size, "acc": robust.float().mean().item()},
         }
+        if verify:
+            result["verified"], result["verified_but_attacked"] = _verify(
+                model, split, n, batch_size, device, eps, norm, verify, robust)
         if autoattack_n > 0:
             # One call: AutoAttack batches internally and skips points that are already wrong.
             k = min(autoattack_n, len(benign))  # a subset of the points PGD saw
@@ -66,3 +73,16 @@ def evaluate(model: torch.nn.Module, split: Split, *, eps: float, device="cpu", 
                 "pgd_acc_same_points": robust[:len(y)].float().mean().item(),
             }
     return result
+
+
+def _verify(model, split, n, batch_size, device, eps, norm, methods, robust):
+    """{method: {"acc", "unstable", "neurons"}} and the number of certified points PGD broke."""
+    if norm != "linf":
+        raise ValueError(f"verify needs norm='linf' (the bounds are for L-inf balls), got {norm!r}")
+    x, y = next(_batches(split, n, len(split) if n is None else n, device))
+    out, certified = {}, torch.zeros(len(y), dtype=torch.bool)
+    for method in methods:
+        v = bounds.verified_accuracy(model, x, y, eps, method, batch_size=batch_size)
+        out[method] = {"acc": v.verified_accuracy, "unstable": v.unstable, "neurons": v.neurons}
+        certified |= v.verified.cpu()
+    return out, int((certified & ~robust).sum())

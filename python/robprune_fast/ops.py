@@ -211,6 +211,33 @@ def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padd
                                      groups, relu_in, out_bounds)
 
 
+# --- CROWN's backward step through a ReLU ----------------------------------------------------
+
+def crown_relu_backward(A, lower, upper, upper_side=False):
+    """CROWN's backward step through y = relu(z) given lower <= z <= upper, in one kernel:
+    relaxation (chord above, adaptive line below), split of A into positive and negative parts,
+    scaling, and accumulation of the intercepts into the bias.
+
+    A: (B or 1, S, *neurons), the coefficients of S linear bounds in terms of y (first dimension
+    1 when shared by the batch); lower, upper: (B, *neurons). upper_side: the walk bounds from
+    above, else from below. Returns (A in terms of z: (B, S, *neurons), bias: (B, S)).
+    """
+    _check_tensor(A, "A")
+    _check_tensor(lower, "lower", A, "A")
+    _check_tensor(upper, "upper", A, "A")
+    if upper.shape != lower.shape:
+        raise ValueError(f"upper must have the shape of lower {tuple(lower.shape)}, got {tuple(upper.shape)}")
+    if lower.dim() < 1 or A.dim() != lower.dim() + 1 or A.shape[2:] != lower.shape[1:] \
+            or A.shape[0] not in (1, lower.shape[0]):
+        raise ValueError(f"A must have shape (B or 1, S, *neurons) with B, *neurons = {tuple(lower.shape)} "
+                         f"(the shape of lower), got {tuple(A.shape)}")
+    if _use_kernel("crown_relu_backward", A.device):
+        return _OPS.crown_relu_backward(A, lower, upper, bool(upper_side))
+    if not bool((lower <= upper).all()):
+        raise ValueError("lower must be <= upper everywhere (found lower > upper or NaN)")
+    return reference.crown_relu_backward(A, lower, upper, upper_side)
+
+
 # --- fake kernels and autograd ---------------------------------------------------------------
 
 def _register_interval_op(name: str, layer_output) -> None:
@@ -261,9 +288,38 @@ def _conv2d_output(center, weight, geometry):
     return F.conv2d(center, weight, None, stride, padding, dilation, groups)
 
 
+def _register_crown_relu_op() -> None:
+    op = "robprune_fast::crown_relu_backward"
+
+    @torch.library.register_fake(op)
+    def _fake(A, lower, upper, upper_side):
+        specs = A.shape[1]
+        return lower.new_empty((lower.shape[0], specs, *lower.shape[1:])), lower.new_empty((lower.shape[0], specs))
+
+    @torch.library.register_fake(f"{op}_grad")
+    def _fake_grad(grad_A_out, grad_bias, A, lower, upper, upper_side):
+        return torch.empty_like(A), torch.empty_like(lower), torch.empty_like(upper)
+
+    def setup_context(ctx, inputs, output):
+        A, lower, upper, upper_side = inputs
+        ctx.save_for_backward(A, lower, upper)
+        ctx.upper_side = upper_side
+
+    def backward(ctx, grad_A_out, grad_bias):
+        A, lower, upper = ctx.saved_tensors
+        grad_A, grad_lower, grad_upper = _OPS.crown_relu_backward_grad(
+            grad_A_out, grad_bias, A, lower, upper, ctx.upper_side)
+        n = ctx.needs_input_grad
+        return (grad_A if n[0] else None, grad_lower if n[1] else None,
+                grad_upper if n[2] else None, None)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if _C is not None:
     _register_interval_op("linear", _linear_output)
     _register_interval_op("conv2d", _conv2d_output)
+    _register_crown_relu_op()
 
     @torch.library.register_fake("robprune_fast::masked_weight_pair")
     def _fake_masked_weight_pair(weight, mask):

@@ -58,3 +58,44 @@ def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padd
     out_c = F.conv2d(center, w, bias, stride, padding, dilation, groups)
     out_r = F.conv2d(radius, w.abs(), None, stride, padding, dilation, groups)
     return _finish(out_c, out_r, out_bounds)
+
+
+def relu_relaxation(lower: torch.Tensor, upper: torch.Tensor):
+    """CROWN's linear relaxation of ReLU on [lower, upper], element-wise.
+
+    Returns (upper_slope, upper_intercept, lower_slope) such that for every z in [lower, upper]
+
+        lower_slope * z  <=  relu(z)  <=  upper_slope * z + upper_intercept.
+
+    Active neurons (lower >= 0): both slopes 1.  Inactive (upper <= 0): both 0.  Unstable: the upper
+    line is the chord u (z - l) / (u - l); the lower slope is CROWN's adaptive choice, 1 when
+    u >= -l and 0 otherwise (the one of the two lines with the smaller area between it and ReLU).
+    """
+    active = lower >= 0
+    unstable = (lower < 0) & (upper > 0)
+    # Guard the division outside the unstable set, so no inf/NaN reaches autograd.
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    chord = upper / width
+    upper_slope = torch.where(unstable, chord, active.to(upper.dtype))
+    upper_intercept = torch.where(unstable, -chord * lower, torch.zeros_like(upper))
+    lower_slope = torch.where(unstable, (upper >= -lower).to(upper.dtype), active.to(upper.dtype))
+    return upper_slope, upper_intercept, lower_slope
+
+
+def crown_relu_backward(A, lower, upper, upper_side=False):
+    """CROWN's backward step through y = relu(z), lower <= z <= upper, for one side of the walk.
+
+    A: (B or 1, S, *neurons), coefficients of S linear bounds in terms of y; lower, upper:
+    (B, *neurons). A positive coefficient takes ReLU's line on the walk's own side (the lower
+    line when bounding from below), a negative one the other side's line, whose intercept joins
+    the bias. Returns (A in terms of z: (B, S, *neurons), bias: (B, S)).
+    """
+    upper_slope, upper_intercept, lower_slope = (t.unsqueeze(1) for t in relu_relaxation(lower, upper))
+    pos, neg = A.clamp(min=0), A.clamp(max=0)
+    if upper_side:
+        out, chord_part = pos * upper_slope + neg * lower_slope, pos
+    else:
+        out, chord_part = pos * lower_slope + neg * upper_slope, neg
+    out = out.expand(lower.shape[0], *out.shape[1:])
+    bias = (chord_part * upper_intercept).flatten(2).sum(-1)
+    return out, bias

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -40,6 +41,22 @@ struct CpuBackend {
       if (local) any.store(true, std::memory_order_relaxed);
     });
     return any.load();
+  }
+
+  // For row functors: f(row, j) handles element j of a row and returns its contribution to the
+  // row's sum, which lands in sums[row]. Rows are spread over threads, elements vectorised.
+  template <class F, class T>
+  static void rows_sum(int64_t rows, int64_t cols, const F& f, T* sums) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      const F g = f;  // see for_each
+      for (int64_t row = begin; row < end; ++row) {
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < cols; ++j) acc += g(row, j);
+        sums[row] = acc;
+      }
+    });
   }
 };
 

@@ -32,6 +32,22 @@ __global__ void for_each_any_kernel(int64_t n, F f, int* any) {
   if (local) *any = 1;  // a benign race: every writer stores the same value
 }
 
+// One block per row: threads stride over the row's elements, then reduce in shared memory.
+template <class F, class T, int THREADS>
+__global__ void rows_sum_kernel(int64_t cols, F f, T* sums) {
+  __shared__ T partial[THREADS];
+  const int64_t row = blockIdx.x;
+  T acc = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += THREADS) acc += f(row, j);
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = THREADS / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) sums[row] = partial[0];
+}
+
 struct CudaBackend {
   static constexpr int kThreads = 256;
 
@@ -60,6 +76,14 @@ struct CudaBackend {
         n, f, flag.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return flag.item<int>() != 0;
+  }
+
+  // Twin of CpuBackend::rows_sum.
+  template <class F, class T>
+  static void rows_sum(int64_t rows, int64_t cols, const F& f, T* sums) {
+    if (rows == 0) return;
+    rows_sum_kernel<F, T, kThreads><<<rows, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(cols, f, sums);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 

@@ -1,0 +1,110 @@
+"""crown_relu_backward: kernel against reference twin (values and gradients), opcheck,
+gradcheck, soundness of the bound it produces, bad input."""
+import pytest
+import torch
+
+from interval_helpers import DEVICES, TOL
+from robprune_fast import ops, reference
+
+
+def relu_inputs(batch, specs, neurons, dtype, device, shared=False, stable_frac=0.3):
+    lower = torch.randn(batch, *neurons, dtype=dtype, device=device)
+    upper = lower + 2 * torch.rand_like(lower)
+    # Some neurons entirely active or inactive, and some degenerate boxes.
+    upper = torch.where(torch.rand_like(lower) < stable_frac, lower, upper)
+    A = torch.randn(1 if shared else batch, specs, *neurons, dtype=dtype, device=device)
+    A = A * (torch.rand_like(A) > 0.1)  # exact zeros, as pruned weights give
+    return A, lower, upper
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("upper_side", [False, True])
+@pytest.mark.parametrize("batch,specs,neurons,shared", [
+    (1, 1, (7,), False), (4, 9, (33,), False), (4, 9, (33,), True), (3, 2, (5, 6, 7), False),
+    (2, 3, (4, 3, 3), True), (0, 3, (5,), False),
+])
+def test_matches_reference(device, dtype, upper_side, batch, specs, neurons, shared):
+    A, lower, upper = relu_inputs(batch, specs, neurons, dtype, device, shared)
+    ins_a = [t.clone().requires_grad_(True) for t in (A, lower, upper)]
+    ins_b = [t.clone().requires_grad_(True) for t in (A, lower, upper)]
+    got = ops.crown_relu_backward(*ins_a, upper_side=upper_side)
+    want = reference.crown_relu_backward(*ins_b, upper_side=upper_side)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+    cot = [torch.randn_like(w) for w in want]
+    torch.autograd.backward(got, cot)
+    torch.autograd.backward(want, cot)
+    for name, a, b in zip(("A", "lower", "upper"), ins_a, ins_b):
+        torch.testing.assert_close(a.grad, b.grad, **TOL[dtype], msg=f"grad of {name}")
+
+
+def test_non_contiguous_inputs():
+    A, lower, upper = relu_inputs(3, 4, (10,), torch.float32, "cpu")
+    A_t = A.transpose(0, 1).contiguous().transpose(0, 1)  # same values, permuted strides
+    lower_t = torch.stack([lower, lower])[0]
+    got = ops.crown_relu_backward(A_t, lower_t, upper, upper_side=True)
+    want = reference.crown_relu_backward(A, lower, upper, upper_side=True)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_opcheck(shared):
+    A, lower, upper = relu_inputs(3, 4, (6,), torch.float32, "cpu", shared, stable_frac=0.0)
+    for upper_side in (False, True):
+        args = [t.clone().requires_grad_(True) for t in (A, lower, upper)]
+        torch.library.opcheck(torch.ops.robprune_fast.crown_relu_backward, (*args, upper_side))
+
+
+@pytest.mark.parametrize("upper_side", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradcheck_float64(upper_side, shared):
+    torch.manual_seed(1)
+    lower = torch.randn(2, 5, dtype=torch.float64)
+    upper = lower + 0.5 + torch.rand_like(lower)  # away from the unstable set's edges
+    A = torch.randn(1 if shared else 2, 3, 5, dtype=torch.float64)
+    A = torch.where(A.abs() < 0.1, A + 0.3, A)  # away from A = 0, where the split has a kink
+    tensors = [t.requires_grad_(True) for t in (A, lower, upper)]
+    assert torch.autograd.gradcheck(lambda a, l, u: ops.crown_relu_backward(a, l, u, upper_side), tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bound_is_sound(dtype):
+    """sum A relu(z) lies between the lower-side and upper-side linear bounds for sampled z."""
+    torch.manual_seed(2)
+    A, lower, upper = relu_inputs(3, 5, (40,), dtype, "cpu")
+    Al, bl = ops.crown_relu_backward(A, lower, upper, upper_side=False)
+    Au, bu = ops.crown_relu_backward(A, lower, upper, upper_side=True)
+    slack = 1e-5 if dtype == torch.float32 else 1e-12
+    for corner in (False, True):
+        t = torch.rand(3, 300, 40, dtype=dtype)
+        if corner:
+            t = t.round()
+        z = lower[:, None] + t * (upper - lower)[:, None]
+        exact = torch.einsum("bsn,bpn->bsp", A, torch.relu(z))
+        assert (torch.einsum("bsn,bpn->bsp", Al, z) + bl[..., None] <= exact + slack).all()
+        assert (torch.einsum("bsn,bpn->bsp", Au, z) + bu[..., None] >= exact - slack).all()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(lower=torch.zeros(2, 5, dtype=torch.float64)), "lower must have the dtype of A"),
+    (dict(upper=torch.ones(2, 6)), "upper must have the shape of lower"),
+    (dict(A=torch.randn(2, 3, 6)), r"A must have shape \(B or 1, S, \*neurons\)"),
+    (dict(A=torch.randn(3, 3, 5)), r"A must have shape \(B or 1, S, \*neurons\)"),
+    (dict(A=torch.randn(2, 3, 5).half()), "A must be float32 or float64"),
+])
+def test_bad_input(change, match):
+    args = dict(A=torch.randn(2, 3, 5), lower=torch.zeros(2, 5), upper=torch.ones(2, 5))
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.crown_relu_backward(**args)
+
+
+def test_unordered_bounds_refused():
+    lower, upper = torch.zeros(2, 5), torch.ones(2, 5)
+    upper[1, 3] = -1
+    with pytest.raises(RuntimeError, match="lower must be <= upper"):
+        ops.crown_relu_backward(torch.randn(2, 3, 5), lower, upper)
+    op = torch.ops.robprune_fast.crown_relu_backward
+    with pytest.raises(RuntimeError, match="A's first dimension must be 1 or the batch size"):
+        op(torch.randn(3, 3, 5), torch.zeros(2, 5), torch.ones(2, 5), False)
