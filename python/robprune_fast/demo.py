@@ -68,6 +68,9 @@ def objective_hyper(args) -> dict:
         "pgd": {**attack, "steps": args.steps},
         "trades": {**attack, "steps": args.steps, "beta": args.beta},
         "fgsm_rs": attack,
+        # Certified training needs its eps ramp: half the run unless --eps-warmup says otherwise.
+        "ibp": {"eps": args.eps, "eps_ramp": args.eps_warmup or 0.5},
+        "crown-ibp": {"eps": args.eps, "eps_ramp": args.eps_warmup or 0.5},
     }[args.objective]
 
 

@@ -91,7 +91,7 @@ def fused_ce_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, num_
     b = bounds.training_bounds(model, x, eps, C, spec, crown_lower=False, crown_upper=True,
                                max_memory=max_memory)
     scaled = b.crown_upper.squeeze(1) + pieces["constant"]
-    # The true value of the scaled sum is >= exp(-M) > 0; raising a rounded bound can only loosen it.
+    # The scaled sum is truly >= exp(-M) > 0; raising a rounded bound to that only loosens it.
     scaled = torch.maximum(scaled, torch.exp(-pieces["shift"]))
     return pieces["shift"] + torch.log(scaled), b.ibp_lower, b.relu_bounds
 

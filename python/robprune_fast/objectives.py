@@ -154,7 +154,7 @@ SMOOTH_POWER, SMOOTH_MID = 4.0, 0.25
 
 
 def ramp_position(progress: float, start: float, length: float) -> float:
-    """Where ``progress`` sits in the ramp window [start, start + length], as a fraction in [0, 1]."""
+    """Where ``progress`` sits in the ramp window [start, start + length], as a fraction of it."""
     if progress < start:
         return 0.0
     return 1.0 if length <= 0 else min(1.0, (progress - start) / length)
