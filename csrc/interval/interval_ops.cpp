@@ -113,7 +113,9 @@ Grads5 affine_backward(const Contraction& k, const at::Tensor& grad_a, const at:
                        bool out_bounds, std::array<bool, 5> need) {
   return with_backend(center, [&](auto tag) {
     using K = BoxKernels<typename decltype(tag)::type>;
-    const auto out_format = grad_a.suggest_memory_format();
+    // The layer's output has its input's memory format (ATen's convolutions keep it), and
+    // handing oneDNN gradients in that same format spares it a reorder per product.
+    const auto out_format = center.suggest_memory_format();
     at::Tensor g_out_c = grad_a.contiguous(out_format), g_out_r = grad_b.contiguous(out_format);
     if (out_bounds) std::tie(g_out_c, g_out_r) = K::to_bounds_backward(g_out_c, g_out_r);
 

@@ -36,25 +36,29 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def timeit(fn, device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of fn() in seconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
+def timeit(fns: dict, device, repeats: int, warmup: int = 2) -> dict:
+    """Median wall time in seconds of each of fns' callables. The variants take turns within
+    every repetition, so a drift in the machine's speed (these shared machines swing by 1.5x)
+    hits them alike and their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def matmul_peak(device, repeats: int) -> float:
     """Measured float32 GEMM rate (GFLOP/s) on square matrices: the roofline's compute roof."""
     n = 4096 if device.type == "cuda" else 1536
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / timeit(lambda: torch.mm(a, b), device, repeats) / 1e9
+    return 2 * n**3 / timeit({"mm": lambda: torch.mm(a, b)}, device, repeats)["mm"] / 1e9
 
 
 def layer_flops(layer: nn.Module, y_shape) -> int:
@@ -132,9 +136,7 @@ def time_variants(layer, c, r, relu_in, device, repeats, mode):
 
     cache = ops.weight_cache() if not backward else contextlib.nullcontext()
     with cache:
-        times = dict(fused=timeit(interval(ops), device, repeats),
-                     reference=timeit(interval(reference), device, repeats),
-                     plain=timeit(plain, device, repeats))
+        times = timeit(dict(fused=interval(ops), reference=interval(reference), plain=plain), device, repeats)
     layer.zero_grad(set_to_none=True)
     return times
 
@@ -160,9 +162,8 @@ def bench_network(model, x, device, repeats, eps=2 / 255):
                     y.sum().backward()
 
         with ops.weight_cache() if not backward else contextlib.nullcontext():
-            rows[mode] = dict(fused=timeit(interval(ops), device, repeats),
-                              reference=timeit(interval(reference), device, repeats),
-                              plain=timeit(plain, device, repeats))
+            rows[mode] = timeit(dict(fused=interval(ops), reference=interval(reference), plain=plain),
+                                device, repeats)
         model.zero_grad(set_to_none=True)
     return rows
 
