@@ -845,7 +845,9 @@ def verified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps,
     model.eval()
     correct, margins, unstable, neurons = [], [], {}, {}
     try:
-        with torch.no_grad(), exact_float():
+        # Weights are fixed while verifying: the interval ops make W * M and |W * M| once for
+        # all batches (the cache is dropped when this scope ends).
+        with torch.no_grad(), exact_float(), ops.weight_cache():
             seq = _compile(model, "", dtype)
             for b0 in range(0, x.shape[0], batch_size):
                 xb, yb = x[b0:b0 + batch_size], y[b0:b0 + batch_size].to(x.device)
