@@ -24,6 +24,8 @@ OBJECTIVES = {
     "pgd": {"eps": 0.1, "steps": 3},
     "trades": {"eps": 0.1, "steps": 3, "beta": 6.0},
     "fgsm_rs": {"eps": 0.1},
+    "ibp": {"eps": 0.05},
+    "crown-ibp": {"eps": 0.05},
 }
 
 
@@ -55,8 +57,9 @@ def test_eps_ramp_starts_natural():
 
 
 def test_objective_errors():
-    with pytest.raises(ValueError, match="unknown objective 'ibp'; known objectives: fgsm_rs, natural, pgd, trades"):
-        objectives.build("ibp")
+    with pytest.raises(ValueError, match="unknown objective 'mixtrain'; known objectives: crown-ibp, "
+                                         "fgsm_rs, ibp, natural, pgd, trades"):
+        objectives.build("mixtrain")
     with pytest.raises(ValueError, match="eps must be >= 0"):
         objectives.build("pgd", eps=-1)
     with pytest.raises(ValueError, match="beta must be >= 0"):
