@@ -1,7 +1,8 @@
 """Kernel microbenchmarks: python -m robprune_fast.bench [--device cuda] [--json out.json]
 
 Times interval bound propagation (IBP) through each layer of cnn_large and through the whole
-network, three ways, in one run so only ratios are compared:
+network, three ways, in one run so only ratios are compared (and, last, CROWN's fused ReLU step
+against its twin):
 
 - fused:     robprune_fast.ops (the compiled kernels),
 - reference: robprune_fast.reference (separate conv/matmul calls for centre and radius, abs and
@@ -177,6 +178,27 @@ def check_agreement(model, x):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
 
 
+def bench_crown_relu(batch, device, repeats, specs=9, neurons=(32, 16, 16)):
+    """crown_relu_backward against its twin on the A that CROWN-IBP carries through the ReLU
+    after cnn_large's second convolution (margin rows: 9 per input), one side of the walk."""
+    torch.manual_seed(0)
+    A = torch.randn(batch, specs, *neurons, device=device)
+    lower = torch.randn(batch, *neurons, device=device)
+    upper = lower + torch.rand_like(lower)
+    leaves = [t.clone().requires_grad_(True) for t in (A, lower, upper)]
+    rows = {}
+    for mode in ("forward", "forward+backward"):
+        def run(lib, backward=mode == "forward+backward"):
+            def step():
+                with torch.enable_grad() if backward else torch.no_grad():
+                    out, bias = lib.crown_relu_backward(*leaves, upper_side=False)
+                    if backward:
+                        (out.sum() + bias.sum()).backward()
+            return step
+        rows[mode] = timeit(dict(fused=run(ops), reference=run(reference)), device, repeats)
+    return dict(shape=list(A.shape), **rows)
+
+
 def format_table(result) -> str:
     lines = [f"device: {result['device']}; batch {result['batch']}; {result['memory_format']}; matmul peak "
              f"{result['matmul_gflops']:.0f} GFLOP/s; torch {result['torch']}; threads {result['threads']}", "",
@@ -194,6 +216,13 @@ def format_table(result) -> str:
             lines.append(f"| {name} | {mode} | {t['fused'] * 1e3:.2f} | {t['reference'] * 1e3:.2f} | "
                          f"{t['plain'] * 1e3:.2f} | {t['fused'] / t['plain']:.2f}x | "
                          f"{t['reference'] / t['fused']:.2f}x | {rate:.0f} | {100 * rate / peak:.0f}% |")
+    relu = result["crown_relu_backward"]
+    lines += ["", f"crown_relu_backward, A of shape {tuple(relu['shape'])}:", "",
+              "| mode | fused ms | reference ms | reference / fused |", "| --- | ---: | ---: | ---: |"]
+    for mode in ("forward", "forward+backward"):
+        t = relu[mode]
+        lines.append(f"| {mode} | {t['fused'] * 1e3:.2f} | {t['reference'] * 1e3:.2f} | "
+                     f"{t['reference'] / t['fused']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -219,7 +248,8 @@ def main(argv=None):
                   batch=args.batch, memory_format="channels_last" if args.channels_last else "contiguous", torch=torch.__version__, threads=torch.get_num_threads(),
                   build=build_info(), matmul_gflops=matmul_peak(device, args.repeats), layers=layers,
                   network_gflop=sum(row["plain_gflop"] for row in layers),
-                  network=bench_network(model, x, device, args.repeats))
+                  network=bench_network(model, x, device, args.repeats),
+                  crown_relu_backward=bench_crown_relu(args.batch, device, args.repeats))
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
