@@ -4,7 +4,8 @@
                                      [--eps 2/255] [--device cpu] [--no-train] [--out FILE]
 
 Bounds (no autograd, margin specification: K-1 = 9 rows per input, lower bounds only, as
-verification and training need them), median milliseconds per call:
+verification and training need them), median milliseconds per call, the variants of each table
+taking turns within every repetition:
 
   forward              a plain forward pass (the yardstick for IBP)
   ibp, crown-ibp       ``bounds.compute_bounds`` on robprune_fast.ops
@@ -27,8 +28,6 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robprune_fast import bounds, models, objectives, ops, reference, train
+from robprune_fast.bench import timeit
 from robprune_fast.demo import number
 
 
@@ -55,20 +55,18 @@ def parse_args(argv=None):
     return args
 
 
-def timed(fn, repeats, device):
-    """Median wall time of fn() in ms over ``repeats`` calls, after one warm-up call."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def timed(fns: dict, repeats, device) -> dict:
+    """Median milliseconds per call of each variant; the variants take turns within every
+    repetition (bench.timeit), so the machine's drift hits them alike."""
+    return {name: t * 1e3 for name, t in timeit(fns, device, repeats, warmup=1).items()}
+
+
+def on_reference(fn):
+    """fn, run with the ops swapped for their reference twins for the duration of each call."""
+    def run():
+        with reference_path():
+            return fn()
+    return run
 
 
 @contextlib.contextmanager
@@ -144,22 +142,23 @@ def plain_sweep(model, A, slopes, shapes, x, eps):
 
 def bound_times(model, x, y, eps, repeats, device):
     C = bounds.margin_spec(y, 10)
-    times, agreement = {}, {}
+    agreement = {}
     with torch.no_grad():
-        times["forward"] = timed(lambda: model(x), repeats, device)
-        for method in ("ibp", "crown-ibp"):
-            run = lambda: bounds.compute_bounds(model, x, eps, method, C, upper=False)[0]
-            times[method] = timed(run, repeats, device)
-            fast = run()
-            with reference_path():
-                times[f"{method}_reference"] = timed(run, repeats, device)
-                agreement[method] = (run() - fast).abs().max().item()
+        def method_run(method):
+            return lambda: bounds.compute_bounds(model, x, eps, method, C, upper=False)[0]
+
         slopes, shapes = _relu_slopes(model, x, eps, C), _layer_inputs(model, x[:1])
 
         def floor():
             bounds.compute_bounds(model, x, eps, "ibp", C, upper=False)
             return plain_sweep(model, C, slopes, shapes, x, eps)
-        times["floor"] = timed(floor, repeats, device)
+
+        fns = {"forward": lambda: model(x), "floor": floor}
+        for method in ("ibp", "crown-ibp"):
+            run = method_run(method)
+            fns[method], fns[f"{method}_reference"] = run, on_reference(run)
+            agreement[method] = (on_reference(run)() - run()).abs().max().item()
+        times = timed(fns, repeats, device)
     return times, agreement
 
 
@@ -172,14 +171,14 @@ def train_times(name, x, y, eps, repeats, device):
         "crown-ibp_fused": objectives.build("crown-ibp", beta_start=1.0, beta_end=1.0,
                                             loss_fusion=True, **full),
     }
-    times = {}
+    fns = {}
     for label, objective in variants.items():
         torch.manual_seed(0)
         model = train.prepare(models.build(name), device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        step = lambda: train.train_step(model, optimizer, objective, x, y, 1.0, 1e-3)
-        times[label] = timed(step, repeats, device)
-    return times
+        fns[label] = (lambda m, o, obj: lambda: train.train_step(m, o, obj, x, y, 1.0, 1e-3))(
+            model, optimizer, objective)
+    return timed(fns, repeats, device)
 
 
 def markdown(results) -> str:

@@ -1,6 +1,7 @@
 // The binding layer: operator schemas (TORCH_LIBRARY), their CPU and CUDA registrations, and
 // the Python module robprune_fast._C, whose import loads them into torch.ops.robprune_fast.
 // Autograd formulas and fake (meta) kernels are registered from Python, in ops.py.
+#include "../csrc/interval/crown_affine_ops.h"
 #include "../csrc/interval/crown_relu_ops.h"
 #include "../csrc/interval/interval_ops.h"
 
@@ -40,6 +41,22 @@ TORCH_LIBRARY(robprune_fast, m) {
   m.def(
       "crown_relu_backward_grad(Tensor grad_A_out, Tensor grad_bias, Tensor A, Tensor lower, "
       "Tensor upper, bool upper_side) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "crown_linear_backward(Tensor A, Tensor weight, Tensor? bias, Tensor? mask, "
+      "Tensor? weight_pair) -> (Tensor, Tensor)");
+  m.def(
+      "crown_linear_backward_grad(Tensor grad_A_out, Tensor grad_bias_term, Tensor A, "
+      "Tensor weight, Tensor? bias, Tensor? mask, Tensor? weight_pair, bool[4] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "crown_conv2d_backward(Tensor A, Tensor weight, Tensor? bias, Tensor? mask, "
+      "Tensor? weight_pair, int[2] input_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups) -> (Tensor, Tensor)");
+  m.def(
+      "crown_conv2d_backward_grad(Tensor grad_A_out, Tensor grad_bias_term, Tensor A, "
+      "Tensor weight, Tensor? bias, Tensor? mask, Tensor? weight_pair, int[2] input_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool[4] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 // One implementation per op serves both devices: it picks the CPU or CUDA box kernels from
@@ -52,6 +69,10 @@ static void register_interval_ops(torch::Library& m) {
   m.impl("interval_conv2d_backward", &robprune::interval_conv2d_backward);
   m.impl("crown_relu_backward", &robprune::crown_relu_backward);
   m.impl("crown_relu_backward_grad", &robprune::crown_relu_backward_grad);
+  m.impl("crown_linear_backward", &robprune::crown_linear_backward);
+  m.impl("crown_linear_backward_grad", &robprune::crown_linear_backward_grad);
+  m.impl("crown_conv2d_backward", &robprune::crown_conv2d_backward);
+  m.impl("crown_conv2d_backward_grad", &robprune::crown_conv2d_backward_grad);
 }
 
 TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_interval_ops(m); }

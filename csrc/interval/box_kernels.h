@@ -32,7 +32,9 @@ struct BoxKernels {
   // A (2, *w.shape) tensor holding w * mask and |w * mask| (w and |w| without a mask), each
   // half laid out like w.
   static at::Tensor weight_pair(const at::Tensor& w, const c10::optional<at::Tensor>& mask);
-  // (grad weight, grad mask); an output not wanted is returned undefined.
+  // (grad weight, grad mask) from the gradients with respect to w * mask (g_c) and |w * mask|
+  // (g_r, undefined for layers that use w * mask alone); an output not wanted is returned
+  // undefined.
   static std::tuple<at::Tensor, at::Tensor> weight_grad(const at::Tensor& g_c,
                                                         const at::Tensor& g_r,
                                                         const at::Tensor& w,

@@ -10,6 +10,8 @@
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/empty_like.h>
 
+#include <type_traits>
+
 namespace robprune {
 
 template <class Backend>
@@ -99,19 +101,20 @@ std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::weight_grad(
   at::Tensor g_w = need_weight ? at::empty_like(w) : at::Tensor();
   at::Tensor g_m = (need_mask && mask) ? at::empty_like(w) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "robprune_box_weight_grad", [&] {
-    scalar_t* gw = need_weight ? g_w.data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto masked, auto abs) {
+      box::WeightGrad<scalar_t, decltype(masked)::value, decltype(abs)::value> f{
+          g_c.const_data_ptr<scalar_t>(), abs ? g_r.const_data_ptr<scalar_t>() : nullptr,
+          w.const_data_ptr<scalar_t>(), masked ? mask->const_data_ptr<scalar_t>() : nullptr,
+          need_weight ? g_w.data_ptr<scalar_t>() : nullptr,
+          g_m.defined() ? g_m.data_ptr<scalar_t>() : nullptr};
+      Backend::for_each(w.numel(), f);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
     if (mask) {
-      box::WeightGrad<scalar_t, true> f{g_c.const_data_ptr<scalar_t>(),
-                                        g_r.const_data_ptr<scalar_t>(),
-                                        w.const_data_ptr<scalar_t>(),
-                                        mask->const_data_ptr<scalar_t>(), gw,
-                                        g_m.defined() ? g_m.data_ptr<scalar_t>() : nullptr};
-      Backend::for_each(w.numel(), f);
+      g_r.defined() ? run(Yes{}, Yes{}) : run(Yes{}, No{});
     } else {
-      box::WeightGrad<scalar_t, false> f{g_c.const_data_ptr<scalar_t>(),
-                                         g_r.const_data_ptr<scalar_t>(),
-                                         w.const_data_ptr<scalar_t>(), nullptr, gw, nullptr};
-      Backend::for_each(w.numel(), f);
+      g_r.defined() ? run(No{}, Yes{}) : run(No{}, No{});
     }
   });
   return {g_w, g_m};

@@ -116,10 +116,11 @@ struct WeightPair {
   }
 };
 
-// Gradient of the layer with respect to W and M, from the gradients g_c and g_r of the two
-// products with respect to W * M and |W * M|: g = g_c + sign(W * M) g_r, dW = g M, dM = g W.
-// Either output may be null when it is not wanted.
-template <class T, bool MASKED>
+// Gradient of a layer with respect to W and M, from the gradients g_c and g_r of its products
+// with respect to W * M and |W * M|: g = g_c + sign(W * M) g_r, dW = g M, dM = g W. Layers
+// that use W * M alone (CROWN's backward steps) have no g_r: ABS false. Either output may be
+// null when it is not wanted.
+template <class T, bool MASKED, bool ABS>
 struct WeightGrad {
   const T* g_c;
   const T* g_r;
@@ -129,7 +130,7 @@ struct WeightGrad {
   T* g_m;
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const T v = MASKED ? w[i] * m[i] : w[i];
-    const T g = g_c[i] + sign(v) * g_r[i];
+    const T g = ABS ? g_c[i] + sign(v) * g_r[i] : g_c[i];
     if (g_w) g_w[i] = MASKED ? g * m[i] : g;
     if (MASKED && g_m) g_m[i] = g * w[i];
   }

@@ -31,22 +31,39 @@ struct LinearContraction {
   }
 };
 
-// x (N, C, H, W) -> conv2d(x, w, b) with the layer's geometry.
-struct Conv2dContraction {
-  at::IntArrayRef stride, padding, dilation;
-  int64_t groups;
-
+// x (N, out) -> x w: the adjoint of LinearContraction, CROWN's backward step through a linear
+// layer (no bias: the step's bias term is a separate reduction).
+struct LinearAdjointContraction {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& w,
-                     const c10::optional<at::Tensor>& b) const {
-    return at::convolution(x, w, b, stride, padding, dilation, /*transposed=*/false,
-                           /*output_padding=*/{0, 0}, groups);
+                     const c10::optional<at::Tensor>& /*b*/) const {
+    return at::mm(x, w);
   }
   Grads3 backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                   std::array<bool, 3> need) const {
-    const int64_t out_channels = w.size(0);
+    return {need[0] ? at::mm(g, w.t()) : at::Tensor(), need[1] ? at::mm(x.t(), g) : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+// x (N, C, H, W) -> conv2d(x, w, b) with the layer's geometry, or with `transposed` its
+// adjoint conv_transpose2d(x, w, b) (CROWN's backward step), whose output_padding restores the
+// rows and columns a strided forward convolution drops.
+struct Conv2dContraction {
+  at::IntArrayRef stride, padding, dilation;
+  int64_t groups;
+  bool transposed = false;
+  std::array<int64_t, 2> output_padding{0, 0};
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& w,
+                     const c10::optional<at::Tensor>& b) const {
+    return at::convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups);
+  }
+  Grads3 backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                  std::array<bool, 3> need) const {
+    const int64_t out_channels = transposed ? w.size(1) * groups : w.size(0);
     return at::convolution_backward(
         g, x, w, need[2] ? at::OptionalIntArrayRef(at::IntArrayRef(&out_channels, 1)) : c10::nullopt,
-        stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, need);
+        stride, padding, dilation, transposed, output_padding, groups, need);
   }
 };
 

@@ -5,11 +5,10 @@
 
 #include "box_kernels.h"
 #include "contractions.h"
+#include "layer_args.h"
 
 #include <robprune/backend.h>
 #include <robprune/checks.h>
-
-#include <ATen/ops/empty.h>
 
 namespace robprune {
 namespace {
@@ -22,64 +21,14 @@ void check_interval_args(const at::Tensor& center, const at::Tensor& radius,
   check_float(center, "center");
   check_like(radius, "radius", center, "center");
   check_same_shape(radius, "radius", center, "center");
-  check_like(weight, "weight", center, "center");
-  check_dim(weight, "weight", weight_dim, weight_dim == 2 ? "(out_features, in_features)"
-                                                          : "(out_channels, in_channels/groups, kH, kW)");
-  if (bias) {
-    check_like(*bias, "bias", center, "center");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "bias must have shape (", weight.size(0), ",), got ", bias->sizes());
-  }
-  if (mask) {
-    check_like(*mask, "mask", center, "center");
-    check_same_shape(*mask, "mask", weight, "weight");
-  }
-  if (weight_pair) {
-    check_like(*weight_pair, "weight_pair", center, "center");
-    TORCH_CHECK(weight_pair->dim() == weight.dim() + 1 && weight_pair->size(0) == 2 &&
-                    weight_pair->sizes().slice(1) == weight.sizes(),
-                "weight_pair must have shape (2, *weight.shape) = (2, ", weight.sizes(), "), got ",
-                weight_pair->sizes());
-  }
+  check_layer_weights(weight, bias, mask, weight_pair, weight_dim, center, "center");
 }
 
-void check_conv_geometry(const at::Tensor& center, const at::Tensor& weight,
-                         at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups) {
+void check_conv_input(const at::Tensor& center, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_dim(center, "center", 4, "(N, C, H, W)");
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0,
-              "stride must be two positive ints, got ", stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
-              "padding must be two non-negative ints, got ", padding);
-  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
-              "dilation must be two positive ints, got ", dilation);
-  TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
-  TORCH_CHECK(weight.size(0) % groups == 0, "weight.size(0) (out_channels = ", weight.size(0),
-              ") must be divisible by groups = ", groups);
-  TORCH_CHECK(center.size(1) == weight.size(1) * groups, "center has ", center.size(1),
-              " channels but weight expects in_channels = weight.size(1) * groups = ",
-              weight.size(1) * groups);
-  for (int d = 0; d < 2; ++d) {
-    const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
-    TORCH_CHECK(center.size(2 + d) + 2 * padding[d] >= extent, "center's spatial size ",
-                center.sizes().slice(2), " plus padding ", padding,
-                " is smaller than the dilated kernel (", extent, ")");
-  }
-}
-
-// Weight-shaped tensors are laid out in the weight's own memory format: channels_last weights
-// keep oneDNN's channels_last convolutions free of reorders, and the flat box kernels need
-// every weight-shaped operand laid out alike.
-at::Tensor weight_like(const at::Tensor& t, const at::Tensor& weight) {
-  return t.contiguous(weight.suggest_memory_format());
-}
-
-c10::optional<at::Tensor> weight_like(const c10::optional<at::Tensor>& t, const at::Tensor& weight) {
-  return t ? c10::optional<at::Tensor>(weight_like(*t, weight)) : c10::nullopt;
-}
-
-at::Tensor empty_if_unused(const at::Tensor& t, const at::Tensor& like) {
-  return t.defined() ? t : at::empty({0}, like.options());
+  check_conv_geometry(center.size(1), center.sizes().slice(2), "center", weight, stride, padding,
+                      dilation, groups);
 }
 
 // The layer algorithm: prologue (radius check, optional ReLU) -> two products -> optional
@@ -204,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> interval_conv2d(
     const c10::optional<at::Tensor>& weight_pair, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool relu_in, bool out_bounds) {
   check_interval_args(center, radius, weight, bias, mask, weight_pair, 4);
-  check_conv_geometry(center, weight, stride, padding, dilation, groups);
+  check_conv_input(center, weight, stride, padding, dilation, groups);
   auto [c, r] = dense_alike(center, radius);
   return affine_forward(Conv2dContraction{stride, padding, dilation, groups}, c, r, weight, bias,
                         mask, weight_pair, relu_in, out_bounds);
@@ -218,7 +167,7 @@ Grads5 interval_conv2d_backward(const at::Tensor& grad_a, const at::Tensor& grad
                                 at::IntArrayRef dilation, int64_t groups, bool relu_in,
                                 bool out_bounds, std::array<bool, 5> output_mask) {
   check_interval_args(center, radius, weight, c10::nullopt, mask, weight_pair, 4);
-  check_conv_geometry(center, weight, stride, padding, dilation, groups);
+  check_conv_input(center, weight, stride, padding, dilation, groups);
   TORCH_CHECK(grad_a.dim() == 4 && grad_b.sizes() == grad_a.sizes(),
               "grad_a and grad_b must have the layer's output shape");
   auto [c, r] = dense_alike(center, radius);

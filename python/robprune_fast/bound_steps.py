@@ -1,7 +1,8 @@
 """The backward linear-bound steps of CROWN, as small standalone functions.
 
-These are the pure-PyTorch versions of the steps the fused kernels will implement (they then become
-the kernels' reference twins).  They know nothing of models: ``bounds`` walks a network and calls them.
+The steps through linear and conv layers and through ReLUs are fused operators (``ops.crown_*``,
+with their pure-PyTorch twins in ``reference``); the element-wise and pooling steps are plain
+torch.  They know nothing of models: ``bounds`` walks a network and calls them.
 
 Linear bounds.  CROWN bounds a linear function of the network's output, ``A_out @ f(x)``, by walking
 the layers backwards.  At every point of the walk the bound reads, per batch element b and
@@ -25,13 +26,8 @@ relaxation of ReLU on the lower side and the upper relaxation on the upper side.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _sum_neurons(t: torch.Tensor) -> torch.Tensor:
@@ -41,39 +37,28 @@ def _sum_neurons(t: torch.Tensor) -> torch.Tensor:
 
 def backward_linear(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None):
-    """Step back through ``y = F.linear(h, weight * mask, bias)``.
+    """Step back through ``y = F.linear(h, weight * mask, bias)``: the fused op
+    ``ops.crown_linear_backward``.
 
     A: (B, S, out_features); weight, mask: (out_features, in_features); bias: (out_features,).
     Returns (A @ W of shape (B, S, in_features), A @ bias of shape (B, S) or None without bias).
     """
-    w = weight if mask is None else weight * mask
-    bias_term = None if bias is None else A @ bias
-    return A @ w, bias_term
+    new_A, term = ops.crown_linear_backward(A, weight, bias, mask)
+    return new_A, None if bias is None else term
 
 
 def backward_conv2d(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     mask: torch.Tensor | None, input_shape, stride=1, padding=0, dilation=1,
                     groups=1):
-    """Step back through ``y = F.conv2d(h, weight * mask, bias, stride, padding, dilation, groups)``.
+    """Step back through ``y = F.conv2d(h, weight * mask, bias, stride, padding, dilation, groups)``:
+    the fused op ``ops.crown_conv2d_backward`` (a transposed convolution plus the bias term).
 
-    A: (B, S, C_out, H_out, W_out); input_shape: (C_in, H_in, W_in) of h.  The transpose of a
-    convolution is the transposed convolution with the same weight.  When (H_in + 2 padding -
-    kernel extent) is not a multiple of the stride, the forward pass drops the last rows/columns of
-    the padded input; output_padding (always < stride) restores the input size, placing them
-    correctly (they may still hold real input pixels that some window reads).
+    A: (B, S, C_out, H_out, W_out); input_shape: (C_in, H_in, W_in) of h.
     Returns (A of shape (B, S, C_in, H_in, W_in), bias term of shape (B, S) or None).
     """
-    w = weight if mask is None else weight * mask
-    b, s = A.shape[:2]
-    c_in, h_in, w_in = input_shape
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    k_h, k_w = weight.shape[-2:]
-    extra = tuple(size - ((n_out - 1) * st - 2 * p + d * (k - 1) + 1) for size, n_out, st, p, d, k
-                  in zip((h_in, w_in), A.shape[-2:], stride, padding, dilation, (k_h, k_w)))
-    out = F.conv_transpose2d(A.reshape(b * s, *A.shape[2:]), w, None, stride, padding, extra,
-                             groups, dilation)
-    bias_term = None if bias is None else A.sum((-2, -1)) @ bias
-    return out.reshape(b, s, c_in, h_in, w_in), bias_term
+    new_A, term = ops.crown_conv2d_backward(A, weight, bias, mask, tuple(input_shape[-2:]), stride,
+                                            padding, dilation, groups)
+    return new_A, None if bias is None else term
 
 
 def backward_scale(A: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None):

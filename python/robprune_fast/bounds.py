@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -321,14 +322,36 @@ class _MaxPool(_Op):
 
 
 class _ReLU(_Op):
-    """Records its input box; ``lower``/``upper`` are IBP's unless CROWN has replaced them."""
+    """Records its input box; ``lower``/``upper`` are IBP's unless CROWN has replaced them.
+
+    They are formed from the box on first use only: IBP alone never reads them, and forming
+    them costs two passes over the layer's largest tensors.
+    """
 
     def __init__(self, name):
         super().__init__(name)
-        self.lower = self.upper = None
+        self._box = None
+        self._bounds = (None, None)
 
     def record(self, c, r):
-        self.lower, self.upper = c - r, c + r
+        self._box, self._bounds = (c, r), None
+
+    def set_bounds(self, lower, upper):
+        self._box, self._bounds = None, (lower, upper)
+
+    def bounds(self):
+        if self._bounds is None:
+            c, r = self._box
+            self._bounds = (c - r, c + r)
+        return self._bounds
+
+    @property
+    def lower(self):
+        return self.bounds()[0]
+
+    @property
+    def upper(self):
+        return self.bounds()[1]
 
     def clean(self, x):
         return torch.relu(x)
@@ -572,7 +595,7 @@ def _crown_relu_bounds(prefix, relu, box, intersect_ibp, max_memory):
     if intersect_ibp:
         lower = ibp_lower.index_copy(1, neurons, torch.maximum(lower, ibp_lower[:, neurons]))
         upper = ibp_upper.index_copy(1, neurons, torch.minimum(upper, ibp_upper[:, neurons]))
-    relu.lower, relu.upper = lower.view_as(relu.lower), upper.view_as(relu.upper)
+    relu.set_bounds(lower.view_as(relu.lower), upper.view_as(relu.upper))
 
 
 def _crown_intermediate(seq, box, intersect_ibp, max_memory):
@@ -600,7 +623,7 @@ class Bounds:
     """Output bounds and the pre-activation bounds of every ReLU layer that were used."""
     lower: torch.Tensor
     upper: torch.Tensor | None
-    relu_bounds: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    relu_bounds: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def _check_method(method):
@@ -663,16 +686,27 @@ def _ibp_stage(model, x, eps, C, dtype, method):
     return seq, box, out, C
 
 
-def _relu_bound_dict(seq):
-    """ReLU name -> (lower, upper) of its pre-activation; a module run twice gets a ':2' suffix."""
-    relu_bounds = {}
-    for op in _relu_ops(seq):
-        name, k = op.name, 1
-        while name in relu_bounds:
-            k += 1
-            name = f"{op.name}:{k}"
-        relu_bounds[name] = (op.lower, op.upper)
-    return relu_bounds
+class _ReluBounds(Mapping):
+    """ReLU name -> (lower, upper) of its pre-activation; a module run twice gets a ':2' suffix.
+    Read-only, and lazy: a ReLU's bounds are formed when first looked up."""
+
+    def __init__(self, seq):
+        self._ops = {}
+        for op in _relu_ops(seq):
+            name, k = op.name, 1
+            while name in self._ops:
+                k += 1
+                name = f"{op.name}:{k}"
+            self._ops[name] = op
+
+    def __getitem__(self, name):
+        return self._ops[name].bounds()
+
+    def __iter__(self):
+        return iter(self._ops)
+
+    def __len__(self):
+        return len(self._ops)
 
 
 def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-ibp",
@@ -690,7 +724,7 @@ def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-i
     dtype = _compute_dtype(x, dtype)
     x, eps = _check_input(x, eps, dtype)
     C = _check_spec(C, x, dtype)
-    with exact_float():
+    with exact_float(), ops.weight_cache():
         seq, box, (lower, upper_bound), C = _ibp_stage(model, x, eps, C, dtype, method)
         if method != "ibp":
             if method == "crown":
@@ -705,7 +739,7 @@ def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-i
             if intersect_ibp:
                 lower = torch.maximum(lower, ibp_lower)
                 upper_bound = None if upper_bound is None else torch.minimum(upper_bound, ibp_upper)
-        relu_bounds = _relu_bound_dict(seq)
+        relu_bounds = _ReluBounds(seq)
     return Bounds(lower, upper_bound if upper else None, relu_bounds)
 
 
@@ -742,7 +776,7 @@ class TrainingBounds:
     ibp_upper: torch.Tensor
     crown_lower: torch.Tensor | None
     crown_upper: torch.Tensor | None
-    relu_bounds: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    relu_bounds: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def training_bounds(model: nn.Module, x: torch.Tensor, eps, C: torch.Tensor, crown_spec=None, *,
@@ -769,14 +803,14 @@ def training_bounds(model: nn.Module, x: torch.Tensor, eps, C: torch.Tensor, cro
     x, eps = _check_input(x, eps, dtype)
     C = _check_spec(C, x, dtype)
     crown_lo = crown_up = None
-    with exact_float():
+    with exact_float(), ops.weight_cache():
         method = "ibp" if crown_spec is None else "crown-ibp"
         seq, box, (ibp_lower, ibp_upper), C = _ibp_stage(model, x, eps, C, dtype, method)
         if crown_spec is not None:
             spec = crown_spec(ibp_lower, ibp_upper) if callable(crown_spec) else crown_spec
             spec = _expand_spec(_check_spec(spec, x, dtype), x.shape[0], seq[-1].out_shape[0])
             crown_lo, crown_up = _crown(seq, spec, box, crown_lower, crown_upper, max_memory)
-        return TrainingBounds(ibp_lower, ibp_upper, crown_lo, crown_up, _relu_bound_dict(seq))
+        return TrainingBounds(ibp_lower, ibp_upper, crown_lo, crown_up, _ReluBounds(seq))
 
 
 def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -231,7 +232,7 @@ def _balance(a, b, tol):
     return torch.where(hi > 0, torch.minimum(a, b) / hi.clamp(min=1e-12), torch.full_like(hi, tol))
 
 
-def warmup_regularizer(relu_bounds: dict, input_radius: torch.Tensor, tol: float = 0.5):
+def warmup_regularizer(relu_bounds: Mapping, input_radius: torch.Tensor, tol: float = 0.5):
     """Shi et al. 2021's warm-up regularisers, L_tightness + L_relu, averaged over ReLU layers.
 
     For ReLU layer i with IBP pre-activation bounds [l, u] (all inputs and neurons pooled), centre

@@ -238,6 +238,67 @@ def crown_relu_backward(A, lower, upper, upper_side=False):
     return reference.crown_relu_backward(A, lower, upper, upper_side)
 
 
+# --- CROWN's backward steps through linear and conv2d layers ----------------------------------
+
+def _check_step_args(A, weight, bias, mask, weight_dim: int):
+    _check_tensor(A, "A")
+    _check_tensor(weight, "weight", A, "A")
+    if weight.dim() != weight_dim:
+        raise ValueError(f"weight must be {weight_dim}-D, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor(bias, "bias", A, "A")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if mask is not None:
+        _check_tensor(mask, "mask", A, "A")
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask must have the shape of weight {tuple(weight.shape)}, "
+                             f"got {tuple(mask.shape)}")
+
+
+def crown_linear_backward(A, weight, bias=None, mask=None):
+    """CROWN's backward step through ``h' = F.linear(h, weight * mask, bias)``.
+
+    A: (*, out_features), the coefficients of linear bounds in terms of h'. Returns (A @ (weight
+    * mask): (*, in_features), the bias term A @ bias: (*), zeros without a bias). Differentiable
+    with respect to A, weight, bias and mask; inside ``weight_cache()`` weight * mask is made once
+    per weight update.
+    """
+    _check_step_args(A, weight, bias, mask, 2)
+    if A.dim() < 1 or A.shape[-1] != weight.shape[0]:
+        raise ValueError(f"A's last dimension must equal weight.size(0) (out_features = "
+                         f"{weight.shape[0]}), got shape {tuple(A.shape)}")
+    if _use_kernel("crown_linear_backward", A.device):
+        return _OPS.crown_linear_backward(A, weight, bias, mask, _cached_weight_pair(weight, mask))
+    return reference.crown_linear_backward(A, weight, bias, mask)
+
+
+def crown_conv2d_backward(A, weight, bias, mask, input_size, stride=1, padding=0, dilation=1,
+                          groups=1):
+    """CROWN's backward step through ``h' = F.conv2d(h, weight * mask, bias, stride, padding,
+    dilation, groups)``, whose input h has spatial size ``input_size`` (H_in, W_in).
+
+    A: (*, C_out, H_out, W_out). Returns (the transposed convolution of A: (*, C_in, H_in, W_in),
+    the bias term sum_{c,y,x} A[..., c, y, x] bias[c]: (*), zeros without a bias). Differentiable
+    like crown_linear_backward.
+    """
+    _check_step_args(A, weight, bias, mask, 4)
+    if A.dim() < 3 or A.shape[-3] != weight.shape[0]:
+        raise ValueError(f"A must have shape (*, C_out, H_out, W_out) with C_out = weight.size(0) "
+                         f"= {weight.shape[0]}, got {tuple(A.shape)}")
+    input_size = _pair(input_size, "input_size")
+    if min(input_size) < 1:
+        raise ValueError(f"input_size must be two positive ints (H_in, W_in), got {input_size}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if _use_kernel("crown_conv2d_backward", A.device):
+        return _OPS.crown_conv2d_backward(A, weight, bias, mask, _cached_weight_pair(weight, mask),
+                                          input_size, stride, padding, dilation, groups)
+    return reference.crown_conv2d_backward(A, weight, bias, mask, input_size, stride, padding,
+                                           dilation, groups)
+
+
 # --- fake kernels and autograd ---------------------------------------------------------------
 
 def _register_interval_op(name: str, layer_output) -> None:
@@ -316,10 +377,59 @@ def _register_crown_relu_op() -> None:
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def _register_crown_affine_op(name: str, step_output) -> None:
+    """Fake kernel and autograd formula of crown_<name>_backward.
+
+    Both ops take (A, weight, bias, mask, weight_pair, *geometry); their _grad ops take
+    (grad_A_out, grad_bias_term, A, weight, bias, mask, weight_pair, *geometry, output_mask).
+    step_output(A, weight, geometry) gives (the shape of the new A, the number of trailing
+    dimensions of A that the bias term drops).
+    """
+    op = f"robprune_fast::crown_{name}_backward"
+    grad_op = getattr(_OPS, f"crown_{name}_backward_grad")
+
+    @torch.library.register_fake(op)
+    def _fake(A, weight, bias, mask, weight_pair, *geometry):
+        shape, trailing = step_output(A, weight, geometry)
+        return A.new_empty(shape), A.new_empty(A.shape[:-trailing])
+
+    @torch.library.register_fake(f"{op}_grad")
+    def _fake_grad(grad_A_out, grad_bias_term, A, weight, bias, mask, weight_pair, *rest):
+        need = rest[-1]
+        like = (A, weight, weight.new_empty(weight.shape[0]), weight)
+        return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, need))
+
+    def setup_context(ctx, inputs, output):
+        A, weight, bias, mask, weight_pair, *geometry = inputs
+        ctx.save_for_backward(A, weight, bias, mask, weight_pair)
+        ctx.geometry = geometry
+
+    def backward(ctx, grad_A_out, grad_bias_term):
+        A, weight, bias, mask, weight_pair = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        need = [n[0], n[1], bias is not None and n[2], mask is not None and n[3]]
+        grads = grad_op(grad_A_out, grad_bias_term, A, weight, bias, mask, weight_pair,
+                        *ctx.geometry, need)
+        return (*[g if wanted else None for g, wanted in zip(grads, need)], None) + (None,) * len(ctx.geometry)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _crown_linear_output(A, weight, geometry):
+    return (*A.shape[:-1], weight.shape[1]), 1
+
+
+def _crown_conv2d_output(A, weight, geometry):
+    input_size, _, _, _, groups = geometry
+    return (*A.shape[:-3], weight.shape[1] * groups, *input_size), 3
+
+
 if _C is not None:
     _register_interval_op("linear", _linear_output)
     _register_interval_op("conv2d", _conv2d_output)
     _register_crown_relu_op()
+    _register_crown_affine_op("linear", _crown_linear_output)
+    _register_crown_affine_op("conv2d", _crown_conv2d_output)
 
     @torch.library.register_fake("robprune_fast::masked_weight_pair")
     def _fake_masked_weight_pair(weight, mask):

@@ -99,3 +99,38 @@ def crown_relu_backward(A, lower, upper, upper_side=False):
     out = out.expand(lower.shape[0], *out.shape[1:])
     bias = (chord_part * upper_intercept).flatten(2).sum(-1)
     return out, bias
+
+
+def crown_linear_backward(A, weight, bias=None, mask=None):
+    """CROWN's backward step through ``h' = F.linear(h, weight * mask, bias)``.
+
+    A: (*, out_features), coefficients of linear bounds in terms of h'. Returns (A @ (weight *
+    mask) of shape (*, in_features), the bias term A @ bias of shape (*), zeros without a bias).
+    """
+    w = effective_weight(weight, mask)
+    term = A.new_zeros(A.shape[:-1]) if bias is None else A @ bias
+    return A @ w, term
+
+
+def crown_conv2d_backward(A, weight, bias, mask, input_size, stride=1, padding=0, dilation=1,
+                          groups=1):
+    """CROWN's backward step through ``h' = F.conv2d(h, weight * mask, bias, stride, padding,
+    dilation, groups)`` for an input h of spatial size ``input_size`` (H_in, W_in).
+
+    A: (*, C_out, H_out, W_out). The transpose of a convolution is the transposed convolution with
+    the same weight; when (H_in + 2 padding - kernel extent) is not a multiple of the stride, the
+    forward pass drops the last rows/columns of the padded input, and output_padding (always <
+    stride) restores the input size. Returns (A in terms of h: (*, C_in, H_in, W_in), the bias
+    term sum_{c,y,x} A[..., c, y, x] * bias[c] of shape (*), zeros without a bias).
+    """
+    w = effective_weight(weight, mask)
+    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    out_size = A.shape[-2:]
+    extra = tuple(size - ((n - 1) * st - 2 * p + d * (k - 1) + 1) for size, n, st, p, d, k
+                  in zip(input_size, out_size, stride, padding, dilation, weight.shape[-2:]))
+    lead = A.shape[:-3]
+    out = F.conv_transpose2d(A.reshape(-1, *A.shape[-3:]), w, None, stride, padding, extra,
+                             groups, dilation)
+    term = A.new_zeros(lead) if bias is None else A.sum((-2, -1)) @ bias
+    return out.reshape(*lead, *out.shape[1:]), term

@@ -1,0 +1,89 @@
+// Argument checks and layout helpers shared by the ops of linear and conv2d layers (the
+// interval ops and CROWN's backward steps through them): the layer's weight, bias, mask and cached weight
+// pair, and a convolution's geometry. Messages name the argument and what was expected.
+#pragma once
+
+#include <robprune/checks.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+namespace robprune {
+
+// weight (weight_dim-D), bias (out,), mask (like weight) and weight_pair (2, *weight.shape),
+// all with the dtype and device of `ref` (named ref_name).
+inline void check_layer_weights(const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& mask,
+                                const c10::optional<at::Tensor>& weight_pair, int64_t weight_dim,
+                                const at::Tensor& ref, const char* ref_name) {
+  check_like(weight, "weight", ref, ref_name);
+  check_dim(weight, "weight", weight_dim, weight_dim == 2 ? "(out_features, in_features)"
+                                                          : "(out_channels, in_channels/groups, kH, kW)");
+  if (bias) {
+    check_like(*bias, "bias", ref, ref_name);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "bias must have shape (", weight.size(0), ",), got ", bias->sizes());
+  }
+  if (mask) {
+    check_like(*mask, "mask", ref, ref_name);
+    check_same_shape(*mask, "mask", weight, "weight");
+  }
+  if (weight_pair) {
+    check_like(*weight_pair, "weight_pair", ref, ref_name);
+    TORCH_CHECK(weight_pair->dim() == weight.dim() + 1 && weight_pair->size(0) == 2 &&
+                    weight_pair->sizes().slice(1) == weight.sizes(),
+                "weight_pair must have shape (2, *weight.shape) = (2, ", weight.sizes(), "), got ",
+                weight_pair->sizes());
+  }
+}
+
+// Output length of a convolution along one spatial dimension.
+inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding,
+                                int64_t dilation) {
+  return (in + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
+// A conv2d layer's geometry against its input: `channels` input channels of spatial size
+// `size` (H, W), the input being named `input_name` in messages.
+inline void check_conv_geometry(int64_t channels, at::IntArrayRef size, const char* input_name,
+                                const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0,
+              "stride must be two positive ints, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "padding must be two non-negative ints, got ", padding);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
+              "dilation must be two positive ints, got ", dilation);
+  TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
+  TORCH_CHECK(weight.size(0) % groups == 0, "weight.size(0) (out_channels = ", weight.size(0),
+              ") must be divisible by groups = ", groups);
+  TORCH_CHECK(channels == weight.size(1) * groups, input_name, " has ", channels,
+              " channels but weight expects in_channels = weight.size(1) * groups = ",
+              weight.size(1) * groups);
+  for (int d = 0; d < 2; ++d) {
+    const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+    TORCH_CHECK(size[d] + 2 * padding[d] >= extent, input_name, "'s spatial size ", size,
+                " plus padding ", padding, " is smaller than the dilated kernel (", extent, ")");
+  }
+}
+
+// Weight-shaped tensors are laid out in the weight's own memory format: channels_last weights
+// keep oneDNN's channels_last convolutions free of reorders, and the flat kernels need every
+// weight-shaped operand laid out alike.
+inline at::Tensor weight_like(const at::Tensor& t, const at::Tensor& weight) {
+  return t.contiguous(weight.suggest_memory_format());
+}
+
+inline c10::optional<at::Tensor> weight_like(const c10::optional<at::Tensor>& t,
+                                             const at::Tensor& weight) {
+  return t ? c10::optional<at::Tensor>(weight_like(*t, weight)) : c10::nullopt;
+}
+
+// Ops return an empty tensor for each gradient their output_mask did not ask for.
+inline at::Tensor empty_if_unused(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+}  // namespace robprune
