@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from interval_helpers import DEVICES, assert_sound, compare_with_reference, make_box
-from robprune_fast import ops
+from robprune_fast import ops, reference
 
 OPTIONS = [dict(relu_in=r, out_bounds=o) for r in (False, True) for o in (False, True)]
 
@@ -135,3 +135,21 @@ def test_cpp_checks_without_python_wrapper():
         op(c, r, w, None, None, None, [1, 1], [0, 0], [5, 5], 1, False, False)
     with pytest.raises(RuntimeError, match="radius must be >= 0"):
         op(c, -r - 1, w, None, None, None, [1, 1], [0, 0], [1, 1], 1, False, False)
+
+
+@pytest.mark.parametrize("relu_in", [False, True])
+def test_input_gradient_alone(relu_in):
+    """Frozen weights (attacks on the bounds): the backward skips the weight gradient and the
+    ReLU'd box it would need, and the input gradients still equal the twin's."""
+    torch.manual_seed(3)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    center0, radius0 = make_box((4, 3, 8, 8), torch.float64, "cpu")
+    grads = []
+    for lib in (ops, reference):
+        center, radius = center0.clone().requires_grad_(True), radius0.clone().requires_grad_(True)
+        lower, upper = lib.interval_conv2d(center, radius, weight, None, None, 2, 1,
+                                           relu_in=relu_in, out_bounds=True)
+        (lower.sum() - upper.pow(2).sum()).backward()
+        grads.append((center.grad, radius.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

@@ -31,6 +31,11 @@ void check_conv_input(const at::Tensor& center, const at::Tensor& weight, at::In
                       dilation, groups);
 }
 
+// Whether an interval layer's backward must produce a weight or mask gradient.
+bool need_w_any(std::array<bool, 5> need, const c10::optional<at::Tensor>& mask) {
+  return need[2] || (need[4] && mask);
+}
+
 // The layer algorithm: prologue (radius check, optional ReLU) -> two products -> optional
 // conversion to bounds. `center` and `radius` must already be laid out alike.
 template <class Contraction>
@@ -68,11 +73,14 @@ Grads5 affine_backward(const Contraction& k, const at::Tensor& grad_a, const at:
     at::Tensor g_out_c = grad_a.contiguous(out_format), g_out_r = grad_b.contiguous(out_format);
     if (out_bounds) std::tie(g_out_c, g_out_r) = K::to_bounds_backward(g_out_c, g_out_r);
 
-    auto [c, r] = K::prologue(center, radius, relu_in);
+    // The products' backward reads the ReLU'd box only for the weight gradient (the input
+    // gradient needs its shape alone), and the forward already validated the radius.
+    auto [c, r] = relu_in && need_w_any(need, mask) ? K::prologue(center, radius, true)
+                                                    : std::make_tuple(center, radius);
     const at::Tensor w = weight_like(weight, weight);
     const c10::optional<at::Tensor> m = weight_like(mask, weight);
     const at::Tensor pair = weight_pair ? *weight_pair : K::weight_pair(w, m);
-    const bool need_in = need[0] || need[1], need_w = need[2] || (need[4] && m);
+    const bool need_in = need[0] || need[1], need_w = need_w_any(need, m);
     auto [g_c, g_wc, g_bias] = k.backward(g_out_c, c, pair[0], {need_in, need_w, need[3]});
     auto [g_r, g_wr, unused] = k.backward(g_out_r, r, pair[1], {need_in, need_w, false});
 

@@ -1,8 +1,8 @@
 """Kernel microbenchmarks: python -m robprune_fast.bench [--device cuda] [--json out.json]
 
 Times interval bound propagation (IBP) through each layer of cnn_large and through the whole
-network, three ways, in one run so only ratios are compared (and, last, CROWN's fused ReLU step
-against its twin):
+network, three ways, in one run so only ratios are compared (and, last, CROWN's fused steps
+through a ReLU, a conv and a linear layer against their twins):
 
 - fused:     robprune_fast.ops (the compiled kernels),
 - reference: robprune_fast.reference (separate conv/matmul calls for centre and radius, abs and
@@ -178,25 +178,38 @@ def check_agreement(model, x):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
 
 
-def bench_crown_relu(batch, device, repeats, specs=9, neurons=(32, 16, 16)):
-    """crown_relu_backward against its twin on the A that CROWN-IBP carries through the ReLU
-    after cnn_large's second convolution (margin rows: 9 per input), one side of the walk."""
-    torch.manual_seed(0)
-    A = torch.randn(batch, specs, *neurons, device=device)
-    lower = torch.randn(batch, *neurons, device=device)
-    upper = lower + torch.rand_like(lower)
-    leaves = [t.clone().requires_grad_(True) for t in (A, lower, upper)]
-    rows = {}
-    for mode in ("forward", "forward+backward"):
-        def run(lib, backward=mode == "forward+backward"):
-            def step():
-                with torch.enable_grad() if backward else torch.no_grad():
-                    out, bias = lib.crown_relu_backward(*leaves, upper_side=False)
-                    if backward:
-                        (out.sum() + bias.sum()).backward()
-            return step
-        rows[mode] = timeit(dict(fused=run(ops), reference=run(reference)), device, repeats)
-    return dict(shape=list(A.shape), **rows)
+def crown_steps(batch, device, specs=9):
+    """CROWN's three fused steps on the A that CROWN-IBP carries through cnn_large (margin rows: 9
+    per input), one side of the walk: the ReLU after the second conv, the second conv itself
+    (A at its output, 32 x 16 x 16), and the first linear layer (A at its output, 512)."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    lower = rand(batch, 32, 16, 16)
+    relu = ("crown_relu_backward", (rand(batch, specs, 32, 16, 16), lower, lower + rand(*lower.shape).abs()),
+            dict(upper_side=False))
+    conv = ("crown_conv2d_backward", (rand(batch, specs, 32, 16, 16), rand(32, 32, 4, 4), rand(32), None),
+            dict(input_size=(32, 32), stride=2, padding=1))
+    linear = ("crown_linear_backward", (rand(batch, specs, 512), rand(512, 4096), rand(512), None), {})
+    return [relu, conv, linear]
+
+
+def bench_crown_steps(batch, device, repeats, specs=9):
+    """Each fused CROWN step against its twin (forward, and forward + backward into every input)."""
+    rows = []
+    for name, tensors, options in crown_steps(batch, device, specs):
+        leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
+        row = dict(op=name, shape=list(tensors[0].shape))
+        for mode in ("forward", "forward+backward"):
+            def run(lib, backward=mode == "forward+backward"):
+                def step():
+                    with torch.enable_grad() if backward else torch.no_grad():
+                        out, bias = getattr(lib, name)(*leaves, **options)
+                        if backward:
+                            (out.sum() + bias.sum()).backward()
+                return step
+            row[mode] = timeit(dict(fused=run(ops), reference=run(reference)), device, repeats)
+        rows.append(row)
+    return rows
 
 
 def format_table(result) -> str:
@@ -216,13 +229,14 @@ def format_table(result) -> str:
             lines.append(f"| {name} | {mode} | {t['fused'] * 1e3:.2f} | {t['reference'] * 1e3:.2f} | "
                          f"{t['plain'] * 1e3:.2f} | {t['fused'] / t['plain']:.2f}x | "
                          f"{t['reference'] / t['fused']:.2f}x | {rate:.0f} | {100 * rate / peak:.0f}% |")
-    relu = result["crown_relu_backward"]
-    lines += ["", f"crown_relu_backward, A of shape {tuple(relu['shape'])}:", "",
-              "| mode | fused ms | reference ms | reference / fused |", "| --- | ---: | ---: | ---: |"]
-    for mode in ("forward", "forward+backward"):
-        t = relu[mode]
-        lines.append(f"| {mode} | {t['fused'] * 1e3:.2f} | {t['reference'] * 1e3:.2f} | "
-                     f"{t['reference'] / t['fused']:.2f}x |")
+    lines += ["", "CROWN's fused steps (one side of the walk, 9 margin rows per input):", "",
+              "| op | A shape | mode | fused ms | reference ms | reference / fused |",
+              "| --- | --- | --- | ---: | ---: | ---: |"]
+    for row in result["crown_steps"]:
+        for mode in ("forward", "forward+backward"):
+            t = row[mode]
+            lines.append(f"| {row['op']} | {tuple(row['shape'])} | {mode} | {t['fused'] * 1e3:.2f} | "
+                         f"{t['reference'] * 1e3:.2f} | {t['reference'] / t['fused']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -249,7 +263,7 @@ def main(argv=None):
                   build=build_info(), matmul_gflops=matmul_peak(device, args.repeats), layers=layers,
                   network_gflop=sum(row["plain_gflop"] for row in layers),
                   network=bench_network(model, x, device, args.repeats),
-                  crown_relu_backward=bench_crown_relu(args.batch, device, args.repeats))
+                  crown_steps=bench_crown_steps(args.batch, device, args.repeats))
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
