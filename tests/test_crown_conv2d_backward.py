@@ -42,17 +42,25 @@ def test_matches_reference(device, dtype, mask, geometry):
     compare_with_reference("crown_conv2d_backward", tensors, options, dtype)
 
 
-@pytest.mark.parametrize("layout", ["channels_last_A", "channels_last_weight", "transposed_A"])
+@pytest.mark.parametrize("layout", ["channels_last_A", "channels_last_weight", "transposed_A",
+                                    "neurons_last_5d_A"])
 def test_memory_layouts(layout):
     tensors = conv_inputs((6,), 4, 8, 3, (9, 9), 2, 1, 1, 1, torch.float32, "cpu", mask="random")
     if layout == "channels_last_A":
         tensors["A"] = tensors["A"].contiguous(memory_format=torch.channels_last)
     elif layout == "channels_last_weight":
         tensors["weight"] = tensors["weight"].contiguous(memory_format=torch.channels_last)
-    else:
+    elif layout == "transposed_A":
         tensors["A"] = tensors["A"].view(2, 3, 8, 5, 5).transpose(0, 1)
+    else:  # (B, S, C, H, W) with the channels innermost, as the bound engine passes it
+        tensors["A"] = tensors["A"].view(2, 3, 8, 5, 5).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     options = dict(input_size=(9, 9), stride=2, padding=1)
     compare_with_reference("crown_conv2d_backward", tensors, options, torch.float32)
+    new_A, _ = ops.crown_conv2d_backward(**tensors, **options)
+    if layout == "channels_last_A":  # the step keeps A's layout
+        assert new_A.is_contiguous(memory_format=torch.channels_last)
+    if layout == "neurons_last_5d_A":
+        assert new_A.permute(0, 1, 3, 4, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[1:3], ids=["stride2", "dilation_groups"])

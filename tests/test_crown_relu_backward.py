@@ -108,3 +108,28 @@ def test_unordered_bounds_refused():
     op = torch.ops.robprune_fast.crown_relu_backward
     with pytest.raises(RuntimeError, match="A's first dimension must be 1 or the batch size"):
         op(torch.randn(3, 3, 5), torch.zeros(2, 5), torch.ones(2, 5), False)
+
+
+def neurons_last(t):
+    """(B, S, C, H, W) laid out with the channels innermost, as CROWN's conv steps pass it."""
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+@pytest.mark.parametrize("upper_side", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_channels_last_A(upper_side, shared):
+    """A with its neurons laid out channels-last: same values and gradients as the twin, and
+    the output keeps A's layout (the next conv step then runs without a reorder)."""
+    A, lower, upper = relu_inputs(3, 4, (5, 6, 7), torch.float64, "cpu", shared)
+    ins_a = [t.clone().requires_grad_(True) for t in (neurons_last(A), lower, upper)]
+    ins_b = [t.clone().requires_grad_(True) for t in (A, lower, upper)]
+    got = ops.crown_relu_backward(*ins_a, upper_side=upper_side)
+    want = reference.crown_relu_backward(*ins_b, upper_side=upper_side)
+    assert got[0].permute(0, 1, 3, 4, 2).is_contiguous()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    cot = [torch.randn_like(w) for w in want]
+    torch.autograd.backward(got, [neurons_last(cot[0]), cot[1]])
+    torch.autograd.backward(want, cot)
+    for name, a, b in zip(("A", "lower", "upper"), ins_a, ins_b):
+        torch.testing.assert_close(a.grad, b.grad, msg=f"grad of {name}")

@@ -11,8 +11,8 @@ namespace robprune {
 
 template <class Backend>
 struct CrownAffineKernels {
-  // A dense and contiguous (rows, channels, plane), bias (channels,): the (rows,) sums
-  // sum_{c, p} A[row, c, p] * bias[c], in one pass over A.
+  // A (rows, channels) or (rows, channels, H, W), dense (contiguous or channels_last), bias
+  // (channels,): the (rows,) sums sum_{c, y, x} A[row, c, y, x] * bias[c], in one pass over A.
   static at::Tensor bias_term(const at::Tensor& A, const at::Tensor& bias);
 };
 

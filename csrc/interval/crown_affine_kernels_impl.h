@@ -13,20 +13,23 @@ namespace robprune {
 
 template <class Backend>
 at::Tensor CrownAffineKernels<Backend>::bias_term(const at::Tensor& A, const at::Tensor& bias) {
-  const int64_t rows = A.size(0), channels = A.size(1), plane = A.size(2);
-  const bool per_row_channel = plane > 1;
-  at::Tensor sums = at::empty({per_row_channel ? rows * channels : rows}, A.options());
+  // Rows of the flat buffer along which the channel is fixed (NCHW: one (row, channel) plane)
+  // or along which it runs (channels_last, and linear layers: one pixel's channels).
+  const int64_t rows = A.size(0), channels = A.size(1), plane = A.numel() / std::max<int64_t>(rows * channels, 1);
+  const bool per_row_channel = A.dim() == 4 && A.is_contiguous() && plane > 1;
+  const int64_t flat_rows = per_row_channel ? rows * channels : rows * plane;
+  at::Tensor sums = at::empty({flat_rows}, A.options());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "robprune_crown_bias_term", [&] {
     const scalar_t *a = A.const_data_ptr<scalar_t>(), *b = bias.const_data_ptr<scalar_t>();
     scalar_t* out = sums.data_ptr<scalar_t>();
     if (per_row_channel)
-      Backend::rows_sum(rows * channels, plane, crown::BiasDot<scalar_t, true>{a, b, plane, channels}, out);
+      Backend::rows_sum(flat_rows, plane, crown::BiasDot<scalar_t, true>{a, b, plane, channels}, out);
     else
-      Backend::rows_sum(rows, channels, crown::BiasDot<scalar_t, false>{a, b, channels, channels}, out);
+      Backend::rows_sum(flat_rows, channels, crown::BiasDot<scalar_t, false>{a, b, channels, channels}, out);
   });
-  // The per-(row, channel) partial sums of a conv layer are rows * channels numbers: summing
-  // them is small beside the pass over A.
-  return per_row_channel ? sums.view({rows, channels}).sum(1) : sums;
+  // The partial sums (per (row, channel) or per pixel) are a small fraction of A: summing them
+  // per row is cheap beside the pass over A.
+  return plane > 1 ? sums.view({rows, -1}).sum(1) : sums;
 }
 
 }  // namespace robprune

@@ -1,7 +1,6 @@
 // Per-element formula of the bias term of CROWN's backward step through an affine layer, for
 // CPU and CUDA alike. Walking a linear bound A h' (h' = W h + b) back to A W h + A b adds the
-// bias term sum over output neurons of A * b, where b is per channel: A is viewed as
-// (rows, channels, plane) with plane = H * W for a conv layer and 1 for a linear layer.
+// bias term sum over output neurons of A * b, where b is per channel.
 // reference.py holds the same formula in plain torch; keep the two in step.
 #pragma once
 
@@ -11,11 +10,11 @@
 
 namespace robprune::crown {
 
-// Row functor for Backend::rows_sum. PER_ROW_CHANNEL (conv layers): a row is one (row,
-// channel) pair of A viewed as (rows * channels, plane), so the channel is fixed along the row
-// (the compiler hoists bias[row % channels] out of the inner loop) and rows_sum gives
-// (rows, channels) partial sums. Otherwise (linear layers): a row is one row of A viewed as
-// (rows, channels), element j being channel j.
+// Row functor for Backend::rows_sum over A's flat buffer cut into rows of `cols` elements.
+// PER_ROW_CHANNEL (NCHW conv layers): a row is one channel plane, so the channel is fixed
+// along it (the compiler hoists bias[row % channels] out of the inner loop). Otherwise
+// (linear layers, channels_last conv layers): a row lists the channels of one pixel, element j
+// being channel j.
 template <class T, bool PER_ROW_CHANNEL>
 struct BiasDot {
   const T* A;

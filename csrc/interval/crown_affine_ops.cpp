@@ -49,33 +49,31 @@ at::Tensor effective_weight(const at::Tensor& weight, const c10::optional<at::Te
   return mask ? at::mul(weight, *mask) : weight;
 }
 
-// The step on rows: A is (rows, C_out, ...) dense and contiguous, plane the number of
-// neurons per channel (1 for a linear layer). Returns (A in terms of the layer's input, bias
-// term of shape (rows,)).
+// The step on rows: A is (rows, C_out) for a linear layer, (rows, C_out, H_out, W_out) for a
+// conv layer, dense in its own memory format (channels_last stays channels_last: the
+// transposed convolution keeps it). Returns (A in terms of the layer's input, bias term of
+// shape (rows,)).
 template <class Contraction>
 std::tuple<at::Tensor, at::Tensor> step(const Contraction& k, const at::Tensor& A,
                                         const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias,
                                         const c10::optional<at::Tensor>& mask,
-                                        const c10::optional<at::Tensor>& weight_pair,
-                                        int64_t plane) {
+                                        const c10::optional<at::Tensor>& weight_pair) {
   return with_backend(A, [&](auto tag) {
     using K = CrownAffineKernels<typename decltype(tag)::type>;
     at::Tensor out = k.forward(A, effective_weight(weight, mask, weight_pair), c10::nullopt);
-    at::Tensor term = bias ? K::bias_term(A.view({A.size(0), A.size(1), plane}), bias->contiguous())
-                           : at::zeros({A.size(0)}, A.options());
+    at::Tensor term = bias ? K::bias_term(A, bias->contiguous()) : at::zeros({A.size(0)}, A.options());
     return std::make_tuple(out, term);
   });
 }
 
 // Gradient of step with respect to (A, weight, bias, mask) from those of its outputs, G
-// (shaped like step's first output) and g_term (rows,), both dense and contiguous.
+// (shaped like step's first output) and g_term (rows,).
 template <class Contraction>
 Grads4 step_grad(const Contraction& k, const at::Tensor& G, const at::Tensor& g_term,
                  const at::Tensor& A, const at::Tensor& weight,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
-                 const c10::optional<at::Tensor>& weight_pair, int64_t plane,
-                 std::array<bool, 4> need) {
+                 const c10::optional<at::Tensor>& weight_pair, std::array<bool, 4> need) {
   return with_backend(A, [&](auto tag) {
     using K = BoxKernels<typename decltype(tag)::type>;
     const at::Tensor w = weight_like(weight, weight);
@@ -83,14 +81,16 @@ Grads4 step_grad(const Contraction& k, const at::Tensor& G, const at::Tensor& g_
     const bool need_w = need[1] || (need[3] && m);
     auto [g_A, g_eff, unused] =
         k.backward(G, A, effective_weight(w, m, weight_pair), {need[0], need_w, false});
-    const int64_t rows = A.size(0), channels = A.size(1);
+    // bias and g_term shaped to broadcast against A: (1, C_out, 1, 1) and (rows, 1, 1, 1).
+    std::vector<int64_t> bias_shape(A.dim(), 1), term_shape(A.dim(), 1);
+    bias_shape[1] = A.size(1);
+    term_shape[0] = A.size(0);
     if (need[0] && bias) {
-      // The bias term's share: d(term[row]) / dA[row, c, p] = bias[c].
-      g_A = g_A.contiguous();
-      g_A.view({rows, channels, plane}).add_(at::mul(g_term.view({rows, 1, 1}), bias->view({1, channels, 1})));
+      // The bias term's share: d(term[row]) / dA[row, c, ...] = bias[c].
+      g_A.add_(at::mul(g_term.view(term_shape), bias->view(bias_shape)));
     }
     at::Tensor g_bias;
-    if (need[2] && bias) g_bias = at::mv(A.view({rows, channels, plane}).sum(2).t(), g_term);
+    if (need[2] && bias) g_bias = at::mv((A.dim() == 4 ? A.sum({2, 3}) : A).t(), g_term);
     at::Tensor g_w, g_m;
     if (need_w && m) {
       std::tie(g_w, g_m) = K::weight_grad(weight_like(g_eff, w), at::Tensor(), w, m, need[1], need[3]);
@@ -135,8 +135,11 @@ Conv2dContraction conv_adjoint(const at::Tensor& A, const at::Tensor& weight,
   return k;
 }
 
+// A's leading dimensions flattened into rows, dense in A's own memory format (a channels_last
+// A, as the bound engine passes on the CPU, runs the transposed convolution without reorders).
 at::Tensor conv_rows(const at::Tensor& A) {
-  return A.reshape({-1, A.size(-3), A.size(-2), A.size(-1)}).contiguous();
+  const at::Tensor rows = A.reshape({-1, A.size(-3), A.size(-2), A.size(-1)});
+  return rows.contiguous(rows.suggest_memory_format());
 }
 
 }  // namespace
@@ -147,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> crown_linear_backward(
   check_step_args(A, weight, bias, mask, weight_pair, 2);
   const int64_t rows = linear_rows(A, weight);
   auto [out, term] = step(LinearAdjointContraction{}, A.reshape({rows, weight.size(0)}).contiguous(),
-                          weight, bias, mask, weight_pair, 1);
+                          weight, bias, mask, weight_pair);
   return {out.view(lead_then(A, 1, {weight.size(1)})), term.view(lead_then(A, 1, {}))};
 }
 
@@ -163,7 +166,7 @@ Grads4 crown_linear_backward_grad(const at::Tensor& grad_A_out, const at::Tensor
   auto grads = step_grad(LinearAdjointContraction{}, grad_A_out.reshape({rows, in}).contiguous(),
                          grad_bias_term.reshape({rows}).contiguous(),
                          A.reshape({rows, weight.size(0)}).contiguous(), weight, bias, mask,
-                         weight_pair, 1, output_mask);
+                         weight_pair, output_mask);
   if (output_mask[0]) std::get<0>(grads) = std::get<0>(grads).view(A.sizes());
   return grads;
 }
@@ -176,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> crown_conv2d_backward(
   check_step_args(A, weight, bias, mask, weight_pair, 4);
   const Conv2dContraction k = conv_adjoint(A, weight, input_size, stride, padding, dilation, groups);
   const at::Tensor rows = conv_rows(A);
-  auto [out, term] = step(k, rows, weight, bias, mask, weight_pair, rows.size(2) * rows.size(3));
+  auto [out, term] = step(k, rows, weight, bias, mask, weight_pair);
   return {out.reshape(lead_then(A, 3, {weight.size(1) * groups, input_size[0], input_size[1]})),
           term.view(lead_then(A, 3, {}))};
 }
@@ -195,10 +198,10 @@ Grads4 crown_conv2d_backward_grad(const at::Tensor& grad_A_out, const at::Tensor
   const int64_t n = rows.size(0), c_in = weight.size(1) * groups;
   check_grads(grad_A_out, grad_bias_term, A, n * c_in * input_size[0] * input_size[1], n,
               "crown_conv2d_backward");
-  auto grads = step_grad(k, grad_A_out.reshape({n, c_in, input_size[0], input_size[1]}).contiguous(),
+  auto grads = step_grad(k, conv_rows(grad_A_out.reshape({n, c_in, input_size[0], input_size[1]})),
                          grad_bias_term.reshape({n}).contiguous(), rows, weight, bias, mask,
-                         weight_pair, rows.size(2) * rows.size(3), output_mask);
-  if (output_mask[0]) std::get<0>(grads) = std::get<0>(grads).view(A.sizes());
+                         weight_pair, output_mask);
+  if (output_mask[0]) std::get<0>(grads) = std::get<0>(grads).reshape(A.sizes());
   return grads;
 }
 

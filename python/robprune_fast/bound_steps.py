@@ -53,12 +53,21 @@ def backward_conv2d(A: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """Step back through ``y = F.conv2d(h, weight * mask, bias, stride, padding, dilation, groups)``:
     the fused op ``ops.crown_conv2d_backward`` (a transposed convolution plus the bias term).
 
-    A: (B, S, C_out, H_out, W_out); input_shape: (C_in, H_in, W_in) of h.
+    A: (B, S, C_out, H_out, W_out) in either layout (see neurons_last), kept by the step;
+    input_shape: (C_in, H_in, W_in) of h.
     Returns (A of shape (B, S, C_in, H_in, W_in), bias term of shape (B, S) or None).
     """
     new_A, term = ops.crown_conv2d_backward(A, weight, bias, mask, tuple(input_shape[-2:]), stride,
                                             padding, dilation, groups)
     return new_A, None if bias is None else term
+
+
+def neurons_last(A: torch.Tensor) -> torch.Tensor:
+    """A (B, S, C, H, W) laid out with the channels innermost (each (B*S) row channels_last),
+    the layout in which the conv and ReLU steps run fastest on the CPU and which they keep.
+    A no-op when A is already laid out so."""
+    by_pixel = A.permute(0, 1, 3, 4, 2)
+    return A if by_pixel.is_contiguous() else by_pixel.contiguous().permute(0, 1, 4, 2, 3)
 
 
 def backward_scale(A: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None):
