@@ -1,5 +1,6 @@
-// Definitions of CrownReluKernels<Backend>: allocate, dispatch on dtype and side, run a
-// crown_relu_math.h functor through the backend. Included only by the per-backend units.
+// Definitions of CrownReluKernels<Backend>: allocate, dispatch on dtype and side, run the
+// crown_relu_math.h functors through the backend (the side's lines once per neuron, then the
+// pass over A). Included only by the per-backend units.
 #pragma once
 
 #include "crown_relu_kernels.h"
@@ -8,6 +9,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <type_traits>
 
 namespace robprune {
 
@@ -21,6 +25,44 @@ bool CrownReluKernels<Backend>::ordered(const at::Tensor& lower, const at::Tenso
   return !bad;
 }
 
+namespace crown_detail {
+
+// From this many rows up, the side's lines are made once per neuron and shared by the rows.
+constexpr int64_t kSharedLinesFromSpecs = 3;
+
+// Runs fn(T{}, side, shared) with the dtype, the side (std::bool_constant<upper_side>) and
+// whether the rows share precomputed lines (std::bool_constant) resolved at compile time.
+template <class Fn>
+void dispatch(const at::Tensor& t, bool upper_side, bool shared, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "robprune_crown_relu", [&] {
+    auto with_shared = [&](auto side) {
+      if (shared)
+        fn(scalar_t(0), side, std::true_type{});
+      else
+        fn(scalar_t(0), side, std::false_type{});
+    };
+    if (upper_side)
+      with_shared(std::true_type{});
+    else
+      with_shared(std::false_type{});
+  });
+}
+
+// Where the passes over A find the lines: a (3, B * N) buffer filled here (SHARED), or the
+// bounds themselves. `buffer` keeps the lines alive while they are read.
+template <class Backend, class T, bool UPPER, bool SHARED>
+crown::LinesAt<T, UPPER, SHARED> lines_at(const at::Tensor& lower, const at::Tensor& upper,
+                                          at::Tensor& buffer) {
+  const int64_t n = lower.numel();
+  if (!SHARED) return {lower.const_data_ptr<T>(), upper.const_data_ptr<T>(), n};
+  buffer = at::empty({3, n}, lower.options());
+  Backend::for_each(n, crown::SideLines<T, UPPER>{lower.const_data_ptr<T>(), upper.const_data_ptr<T>(),
+                                                  buffer.data_ptr<T>(), n});
+  return {buffer.const_data_ptr<T>(), nullptr, n};
+}
+
+}  // namespace crown_detail
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> CrownReluKernels<Backend>::step(const at::Tensor& A,
                                                                    const at::Tensor& lower,
@@ -30,15 +72,16 @@ std::tuple<at::Tensor, at::Tensor> CrownReluKernels<Backend>::step(const at::Ten
   at::Tensor out = at::empty({batch, specs, neurons}, A.options());
   at::Tensor bias = at::empty({batch, specs}, A.options());
   const bool broadcast = A.size(0) == 1 && batch != 1;
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "robprune_crown_relu_step", [&] {
-    auto run = [&](auto f) { Backend::rows_sum(batch * specs, neurons, f, bias.data_ptr<scalar_t>()); };
-    const scalar_t *a = A.const_data_ptr<scalar_t>(), *l = lower.const_data_ptr<scalar_t>(),
-                   *u = upper.const_data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    if (upper_side)
-      run(crown::ReluStep<scalar_t, true>{a, l, u, o, specs, neurons, broadcast});
-    else
-      run(crown::ReluStep<scalar_t, false>{a, l, u, o, specs, neurons, broadcast});
+  const bool shared = specs >= crown_detail::kSharedLinesFromSpecs;
+  crown_detail::dispatch(A, upper_side, shared, [&](auto tag, auto side, auto share) {
+    using T = decltype(tag);
+    constexpr bool UPPER = decltype(side)::value, SHARED = decltype(share)::value;
+    at::Tensor buffer;
+    const auto lines = crown_detail::lines_at<Backend, T, UPPER, SHARED>(lower, upper, buffer);
+    Backend::rows_sum(batch * specs, neurons,
+                      crown::ReluStep<T, UPPER, SHARED>{A.const_data_ptr<T>(), lines, out.data_ptr<T>(),
+                                                        specs, neurons, broadcast},
+                      bias.data_ptr<T>());
   });
   return {out, bias};
 }
@@ -49,19 +92,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CrownReluKernels<Backend>::step_g
     const at::Tensor& lower, const at::Tensor& upper, bool upper_side) {
   const int64_t batch = lower.size(0), specs = A.size(1), neurons = A.size(2);
   at::Tensor grad_A = at::empty({batch, specs, neurons}, A.options());
-  at::Tensor grad_lower = at::empty_like(lower), grad_upper = at::empty_like(upper);
+  // The row sums ReluStepGrad accumulates first, the bounds' gradients after ChordGrad. With no
+  // rows there is nothing to sum: the gradients are 0.
+  at::Tensor grad_lower = specs ? at::empty_like(lower) : at::zeros_like(lower);
+  at::Tensor grad_upper = specs ? at::empty_like(upper) : at::zeros_like(upper);
+  if (specs == 0) return {grad_A, grad_lower, grad_upper};
   const bool broadcast = A.size(0) == 1 && batch != 1;
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "robprune_crown_relu_step_grad", [&] {
-    auto run = [&](auto f) { Backend::for_each(batch * neurons, f); };
-    const scalar_t *go = grad_out.const_data_ptr<scalar_t>(), *gb = grad_bias.const_data_ptr<scalar_t>(),
-                   *a = A.const_data_ptr<scalar_t>(), *l = lower.const_data_ptr<scalar_t>(),
-                   *u = upper.const_data_ptr<scalar_t>();
-    scalar_t *ga = grad_A.data_ptr<scalar_t>(), *gl = grad_lower.data_ptr<scalar_t>(),
-             *gu = grad_upper.data_ptr<scalar_t>();
-    if (upper_side)
-      run(crown::ReluStepGrad<scalar_t, true>{go, gb, a, l, u, ga, gl, gu, specs, neurons, broadcast});
-    else
-      run(crown::ReluStepGrad<scalar_t, false>{go, gb, a, l, u, ga, gl, gu, specs, neurons, broadcast});
+  const bool shared = specs >= crown_detail::kSharedLinesFromSpecs;
+  crown_detail::dispatch(A, upper_side, shared, [&](auto tag, auto side, auto share) {
+    using T = decltype(tag);
+    constexpr bool UPPER = decltype(side)::value, SHARED = decltype(share)::value;
+    at::Tensor buffer;
+    const auto lines = crown_detail::lines_at<Backend, T, UPPER, SHARED>(lower, upper, buffer);
+    T *gl = grad_lower.data_ptr<T>(), *gu = grad_upper.data_ptr<T>();
+    Backend::for_each_nested(
+        batch, specs, neurons,
+        crown::ReluStepGrad<T, UPPER, SHARED>{grad_out.const_data_ptr<T>(), grad_bias.const_data_ptr<T>(),
+                                              A.const_data_ptr<T>(), lines, grad_A.data_ptr<T>(), gl, gu,
+                                              specs, neurons, broadcast});
+    Backend::for_each(lower.numel(), crown::ChordGrad<T>{lower.const_data_ptr<T>(), upper.const_data_ptr<T>(), gl, gu});
   });
   return {grad_A, grad_lower, grad_upper};
 }

@@ -220,7 +220,8 @@ def crown_relu_backward(A, lower, upper, upper_side=False):
 
     A: (B or 1, S, *neurons), the coefficients of S linear bounds in terms of y (first dimension
     1 when shared by the batch); lower, upper: (B, *neurons). upper_side: the walk bounds from
-    above, else from below. Returns (A in terms of z: (B, S, *neurons), bias: (B, S)).
+    above, else from below. Returns (A in terms of z: (B, S, *neurons), bias: (B, S)); a
+    (B, S, C, H, W) A laid out channels-last keeps that layout.
     """
     _check_tensor(A, "A")
     _check_tensor(lower, "lower", A, "A")
@@ -279,8 +280,10 @@ def crown_conv2d_backward(A, weight, bias, mask, input_size, stride=1, padding=0
     dilation, groups)``, whose input h has spatial size ``input_size`` (H_in, W_in).
 
     A: (*, C_out, H_out, W_out). Returns (the transposed convolution of A: (*, C_in, H_in, W_in),
-    the bias term sum_{c,y,x} A[..., c, y, x] bias[c]: (*), zeros without a bias). Differentiable
-    like crown_linear_backward.
+    the bias term sum_{c,y,x} A[..., c, y, x] bias[c]: (*), zeros without a bias). The output keeps
+    A's layout: rows laid out channels-last (``bound_steps.neurons_last``) give channels-last
+    rows, which oneDNN transposes several times faster on the CPU. Differentiable like
+    crown_linear_backward.
     """
     _check_step_args(A, weight, bias, mask, 4)
     if A.dim() < 3 or A.shape[-3] != weight.shape[0]:

@@ -1,6 +1,6 @@
 // The CPU backend of every elementwise kernel: apply a functor to indices [0, n) in parallel.
 // Kernels are written once as C10_HOST_DEVICE functors; this file and for_each_cuda.cuh only
-// decide how the indices are spread over threads, behind the same two static functions.
+// decide how the indices are spread over threads, behind the same static functions.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -41,6 +41,22 @@ struct CpuBackend {
       if (local) any.store(true, std::memory_order_relaxed);
     });
     return any.load();
+  }
+
+  // For nested functors: f(o, m, i) for o < outer, m < middle, i < inner. One thread handles
+  // every (m, i) of a given o, walking m in order, so f may accumulate into an [o, i] slot
+  // across m without a race. Outer indices are spread over threads, inner ones vectorised.
+  template <class F>
+  static void for_each_nested(int64_t outer, int64_t middle, int64_t inner, const F& f) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(middle * inner, 1));
+    at::parallel_for(0, outer, grain, [&](int64_t begin, int64_t end) {
+      const F g = f;  // see for_each
+      for (int64_t o = begin; o < end; ++o)
+        for (int64_t m = 0; m < middle; ++m) {
+#pragma omp simd
+          for (int64_t i = 0; i < inner; ++i) g(o, m, i);
+        }
+    });
   }
 
   // For row functors: f(row, j) handles element j of a row and returns its contribution to the

@@ -1,5 +1,5 @@
 // The CUDA backend of every elementwise kernel: a grid-stride loop over a C10_HOST_DEVICE
-// functor, the twin of for_each_cpu.h with the same two static functions.
+// functor, the twin of for_each_cpu.h with the same static functions.
 #pragma once
 
 // Only c10's CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS and cuSPARSE headers
@@ -30,6 +30,16 @@ __global__ void for_each_any_kernel(int64_t n, F f, int* any) {
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
     local |= f(i);
   if (local) *any = 1;  // a benign race: every writer stores the same value
+}
+
+// A thread per (o, i) pair, walking m in order (the contract of CpuBackend::for_each_nested).
+template <class F>
+__global__ void for_each_nested_kernel(int64_t outer, int64_t middle, int64_t inner, F f) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < outer * inner;
+       t += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t o = t / inner, i = t - o * inner;
+    for (int64_t m = 0; m < middle; ++m) f(o, m, i);
+  }
 }
 
 // One block per row: threads stride over the row's elements, then reduce in shared memory.
@@ -76,6 +86,16 @@ struct CudaBackend {
         n, f, flag.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return flag.item<int>() != 0;
+  }
+
+  // Twin of CpuBackend::for_each_nested.
+  template <class F>
+  static void for_each_nested(int64_t outer, int64_t middle, int64_t inner, const F& f) {
+    const int64_t n = outer * inner;
+    if (n == 0) return;
+    for_each_nested_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        outer, middle, inner, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   // Twin of CpuBackend::rows_sum.
