@@ -12,6 +12,6 @@ def test_bench_runs_at_toy_size(tmp_path, capsys):
     assert [row["layer"].split(":")[1] for row in result["layers"]] == ["Conv2d"] * 4 + ["Linear"] * 3
     assert set(result["network"]) == {"forward", "forward+backward"}
     assert [row["op"] for row in result["crown_steps"]] == [
-        "crown_relu_backward", "crown_conv2d_backward", "crown_linear_backward"]
+        "crown_relu_backward", "crown_conv2d_backward", "crown_conv2d_backward", "crown_linear_backward"]
     assert all(set(row["forward"]) == {"fused", "reference"} for row in result["crown_steps"])
     assert "whole cnn_large" in capsys.readouterr().out

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import build_info, ops, reference
+from .bound_steps import neurons_last
 from .models import Normalize, build
 
 
@@ -179,9 +180,10 @@ def check_agreement(model, x):
 
 
 def crown_steps(batch, device, specs=9):
-    """CROWN's three fused steps on the A that CROWN-IBP carries through cnn_large (margin rows: 9
-    per input), one side of the walk: the ReLU after the second conv, the second conv itself
-    (A at its output, 32 x 16 x 16), and the first linear layer (A at its output, 512)."""
+    """CROWN's fused steps on the A that CROWN-IBP carries through cnn_large (margin rows: 9 per
+    input), one side of the walk: the ReLU after the second conv, the second conv itself (A at
+    its output, 32 x 16 x 16; NCHW and channels innermost), and the first linear layer (A at its
+    output, 512)."""
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
     lower = rand(batch, 32, 16, 16)
@@ -189,8 +191,11 @@ def crown_steps(batch, device, specs=9):
             dict(upper_side=False))
     conv = ("crown_conv2d_backward", (rand(batch, specs, 32, 16, 16), rand(32, 32, 4, 4), rand(32), None),
             dict(input_size=(32, 32), stride=2, padding=1))
+    # The same conv step on A laid out as the bound engine passes it on the CPU (channels
+    # innermost, bound_steps.neurons_last): the layout, not the op, is what speeds it up.
+    conv_last = (conv[0], (neurons_last(conv[1][0]), *conv[1][1:]), conv[2])
     linear = ("crown_linear_backward", (rand(batch, specs, 512), rand(512, 4096), rand(512), None), {})
-    return [relu, conv, linear]
+    return [relu, conv, conv_last, linear]
 
 
 def bench_crown_steps(batch, device, repeats, specs=9):
@@ -198,7 +203,8 @@ def bench_crown_steps(batch, device, repeats, specs=9):
     rows = []
     for name, tensors, options in crown_steps(batch, device, specs):
         leaves = [None if t is None else t.clone().requires_grad_(True) for t in tensors]
-        row = dict(op=name, shape=list(tensors[0].shape))
+        row = dict(op=name, shape=list(tensors[0].shape),
+                   layout="channels innermost" if not tensors[0].is_contiguous() else "contiguous")
         for mode in ("forward", "forward+backward"):
             def run(lib, backward=mode == "forward+backward"):
                 def step():
@@ -230,12 +236,12 @@ def format_table(result) -> str:
                          f"{t['plain'] * 1e3:.2f} | {t['fused'] / t['plain']:.2f}x | "
                          f"{t['reference'] / t['fused']:.2f}x | {rate:.0f} | {100 * rate / peak:.0f}% |")
     lines += ["", "CROWN's fused steps (one side of the walk, 9 margin rows per input):", "",
-              "| op | A shape | mode | fused ms | reference ms | reference / fused |",
-              "| --- | --- | --- | ---: | ---: | ---: |"]
+              "| op | A shape | A layout | mode | fused ms | reference ms | reference / fused |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
     for row in result["crown_steps"]:
         for mode in ("forward", "forward+backward"):
             t = row[mode]
-            lines.append(f"| {row['op']} | {tuple(row['shape'])} | {mode} | {t['fused'] * 1e3:.2f} | "
+            lines.append(f"| {row['op']} | {tuple(row['shape'])} | {row['layout']} | {mode} | {t['fused'] * 1e3:.2f} | "
                          f"{t['reference'] * 1e3:.2f} | {t['reference'] / t['fused']:.2f}x |")
     return "\n".join(lines)
 
