@@ -198,7 +198,10 @@ Grads4 crown_conv2d_backward_grad(const at::Tensor& grad_A_out, const at::Tensor
   const int64_t n = rows.size(0), c_in = weight.size(1) * groups;
   check_grads(grad_A_out, grad_bias_term, A, n * c_in * input_size[0] * input_size[1], n,
               "crown_conv2d_backward");
-  auto grads = step_grad(k, conv_rows(grad_A_out.reshape({n, c_in, input_size[0], input_size[1]})),
+  // The output's gradient in A's layout: oneDNN's backward on mixed layouts reorders first.
+  const at::Tensor G = grad_A_out.reshape({n, c_in, input_size[0], input_size[1]})
+                           .contiguous(rows.suggest_memory_format());
+  auto grads = step_grad(k, G,
                          grad_bias_term.reshape({n}).contiguous(), rows, weight, bias, mask,
                          weight_pair, output_mask);
   if (output_mask[0]) std::get<0>(grads) = std::get<0>(grads).reshape(A.sizes());

@@ -12,6 +12,7 @@ Box convention: boxes are (centre, radius) with radius >= 0; see ``reference.py`
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 import weakref
 
@@ -32,11 +33,17 @@ _OPS = torch.ops.robprune_fast
 _warned: set[tuple[str, str]] = set()
 
 
-def _has_kernel(name: str, device: torch.device) -> bool:
+@functools.lru_cache(maxsize=None)
+def _has_kernel_for(name: str, device_type: str) -> bool:
+    # Registrations are fixed once _C is loaded, so the dispatcher is asked once per pair.
     if _C is None:
         return False
-    key = "CUDA" if device.type == "cuda" else device.type.upper()
+    key = "CUDA" if device_type == "cuda" else device_type.upper()
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"robprune_fast::{name}", key)
+
+
+def _has_kernel(name: str, device: torch.device) -> bool:
+    return _has_kernel_for(name, device.type)
 
 
 def _use_kernel(name: str, device: torch.device) -> bool:
