@@ -4,8 +4,9 @@
                                      [--eps 2/255] [--device cpu] [--no-train] [--out FILE]
 
 Bounds (no autograd, margin specification: K-1 = 9 rows per input, lower bounds only, as
-verification and training need them), median milliseconds per call, the variants of each table
-taking turns within every repetition:
+verification and training need them, inside ``ops.weight_cache()`` as ``verified_accuracy`` runs
+them), median milliseconds per call, the variants of each table taking turns within every
+repetition:
 
   forward              a plain forward pass (the yardstick for IBP)
   ibp, crown-ibp       ``bounds.compute_bounds`` on robprune_fast.ops
@@ -143,7 +144,9 @@ def plain_sweep(model, A, slopes, shapes, x, eps):
 def bound_times(model, x, y, eps, repeats, device):
     C = bounds.margin_spec(y, 10)
     agreement = {}
-    with torch.no_grad():
+    # Inside weight_cache(), as verified_accuracy runs bounds over a data set: |W * M| is made
+    # once per model, not once per batch.
+    with torch.no_grad(), ops.weight_cache():
         def method_run(method):
             return lambda: bounds.compute_bounds(model, x, eps, method, C, upper=False)[0]
 
