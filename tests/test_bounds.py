@@ -193,6 +193,22 @@ def test_zero_eps_gives_the_output():
 # exactness and tightness
 
 
+def test_folded_specification_shared_and_per_input_agree():
+    """IBP with C folded into the last layer: a batch with few distinct specifications (the
+    shared-GEMM path) gives the bounds each input gets alone (the per-input path)."""
+    model = _mlp()
+    torch.manual_seed(6)
+    x = _inputs((1, 6, 6), n=24)
+    y = torch.tensor([0, 3, 1] * 8)  # 3 distinct margin specifications for 24 inputs
+    C = bounds.margin_spec(y, 5, dtype=torch.float64)
+    assert 3 * bounds._DISTINCT_SPEC_FRACTION <= 24
+    lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
+    for i in range(24):
+        lo, up = bounds.compute_bounds(model, x[i:i + 1], 0.05, "ibp", C[i:i + 1])
+        torch.testing.assert_close(lower[i:i + 1], lo, atol=TOL64, rtol=0)
+        torch.testing.assert_close(upper[i:i + 1], up, atol=TOL64, rtol=0)
+
+
 def test_one_linear_layer_is_exact_for_every_method():
     torch.manual_seed(5)
     model = nn.Sequential(models.Normalize((0.3, 0.6), (0.2, 0.4)), nn.Flatten(),

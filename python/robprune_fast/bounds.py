@@ -59,6 +59,9 @@ from .models import Normalize, PreActBlock
 METHODS = ("ibp", "crown-ibp", "crown")
 DEFAULT_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 DEFAULT_MAX_MEMORY = 1 << 30
+# ibp_spec shares folded weights between inputs when there are at most 1/this as many distinct
+# specifications as inputs (the shared GEMM computes every distinct C's radii for every input).
+_DISTINCT_SPEC_FRACTION = 4
 # Live (rows x neurons) tensors at the peak of a backward step (both sides, positive and negative
 # parts, their scaled copies); used to turn the memory cap into a number of rows.
 _LIVE_COPIES = 8
@@ -164,17 +167,26 @@ class _Linear(_Op):
     def ibp_spec(self, c, r, C, relu_in):
         """(lower, upper) of C @ (W h + b) with C folded into W; C: (B, S, K).
 
-        The folded weight C_b W differs per input, so this is a batched product rather than one
-        interval_linear call: with S and K small (margins: 9 x 10) the (B, S, in) folded weights
-        cost little, and one batched call beats a call per distinct C.
+        The centre is linear, so it is C @ (W c + b) (one GEMM, then a tiny batched product).
+        The radius needs the folded weight: |C_b W| r_b, tighter than |C_b| |W| r_b. Inputs
+        with the same C share their folded weight, and margin specifications have at most K
+        distinct C (one per true class): with few distinct C, the radii of all of them come
+        from one GEMM against every input's r and each input picks its own; otherwise each
+        input's folded weight is made (a skinny (B S, K) x (K, in) product) and applied in a
+        batched product.
         """
         if relu_in:
             c, r = _relu_box(c, r)
-        folded = C @ self.effective_weight()  # (B, S, in)
-        centre = (folded @ c.unsqueeze(-1)).squeeze(-1)
-        if self.bias is not None:
-            centre = centre + C @ self.bias
-        radius = (folded.abs() @ r.unsqueeze(-1)).squeeze(-1)
+        weight = self.effective_weight()
+        centre = (C @ F.linear(c, weight, self.bias).unsqueeze(-1)).squeeze(-1)
+        distinct, which = torch.unique(C, dim=0, return_inverse=True)
+        batch, specs = C.shape[:2]
+        if distinct.shape[0] * _DISTINCT_SPEC_FRACTION <= batch:
+            folded = (distinct @ weight).abs().reshape(-1, weight.shape[1])  # (U S, in)
+            every = (r @ folded.t()).view(batch, -1, specs)                   # (B, U, S)
+            radius = every.gather(1, which.view(batch, 1, 1).expand(batch, 1, specs)).squeeze(1)
+        else:
+            radius = ((C @ weight).abs() @ r.unsqueeze(-1)).squeeze(-1)
         return centre - radius, centre + radius
 
     def clean(self, x):
