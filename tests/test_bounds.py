@@ -209,6 +209,22 @@ def test_folded_specification_shared_and_per_input_agree():
         torch.testing.assert_close(upper[i:i + 1], up, atol=TOL64, rtol=0)
 
 
+def test_colliding_specifications_are_not_grouped():
+    """Two different C whose grouping keys collide are caught by the exact check: the folded
+    last layer then takes the per-input path and each input keeps its own C."""
+    model = _mlp()
+    x = _inputs((1, 6, 6), n=8)
+    C = torch.zeros(8, 1, 5, dtype=torch.float64)
+    C[::2, 0, 0] = 2.0   # key 2 * 1
+    C[1::2, 0, 4] = 1.0  # key 1 * 2: the same key, another specification
+    assert bounds._distinct_specs(C) == (None, None)
+    lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
+    for i in range(8):
+        lo, up = bounds.compute_bounds(model, x[i:i + 1], 0.05, "ibp", C[i:i + 1])
+        torch.testing.assert_close(lower[i:i + 1], lo, atol=TOL64, rtol=0)
+        torch.testing.assert_close(upper[i:i + 1], up, atol=TOL64, rtol=0)
+
+
 def test_one_linear_layer_is_exact_for_every_method():
     torch.manual_seed(5)
     model = nn.Sequential(models.Normalize((0.3, 0.6), (0.2, 0.4)), nn.Flatten(),

@@ -179,9 +179,9 @@ class _Linear(_Op):
             c, r = _relu_box(c, r)
         weight = self.effective_weight()
         centre = (C @ F.linear(c, weight, self.bias).unsqueeze(-1)).squeeze(-1)
-        distinct, which = torch.unique(C, dim=0, return_inverse=True)
+        distinct, which = _distinct_specs(C)
         batch, specs = C.shape[:2]
-        if distinct.shape[0] * _DISTINCT_SPEC_FRACTION <= batch:
+        if distinct is not None and distinct.shape[0] * _DISTINCT_SPEC_FRACTION <= batch:
             folded = (distinct @ weight).abs().reshape(-1, weight.shape[1])  # (U S, in)
             every = (r @ folded.t()).view(batch, -1, specs)                   # (B, U, S)
             radius = every.gather(1, which.view(batch, 1, 1).expand(batch, 1, specs)).squeeze(1)
@@ -194,6 +194,23 @@ class _Linear(_Op):
 
     def backward(self, A):
         return steps.backward_linear(A, self.weight, self.bias, self.mask)
+
+
+def _distinct_specs(C):
+    """(the distinct specifications (U, S, K), each input's index into them (B,)), or
+    (None, None) when grouping fails. Inputs are grouped by a projection of their C (a 1-D
+    unique, far cheaper than torch.unique over dim 0), and the grouping is then checked
+    exactly, so a collision of projections can never pair an input with another's C."""
+    batch = C.shape[0]
+    flat = C.reshape(batch, -1)
+    weights = torch.linspace(1.0, 2.0, flat.shape[1], dtype=C.dtype, device=C.device)
+    keys, which = torch.unique(flat @ weights, return_inverse=True)
+    member = torch.empty(keys.shape[0], dtype=torch.long, device=C.device)
+    member.scatter_(0, which, torch.arange(batch, device=C.device))
+    distinct = C[member]
+    if not torch.equal(distinct[which], C):
+        return None, None
+    return distinct, which
 
 
 def _conv_padding(module: nn.Conv2d):
