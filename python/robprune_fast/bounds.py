@@ -688,8 +688,8 @@ def _check_input(x, eps, dtype):
     eps = torch.as_tensor(eps, device=x.device).to(dtype)
     if eps.numel() and not (eps.min() >= 0):
         raise ValueError(f"eps must be >= 0, got {eps.min().item():g}")
-    try:
-        ok = torch.broadcast_shapes(eps.shape, x.shape) == x.shape
+    try:  # a number (the usual case) needs no shape arithmetic
+        ok = eps.dim() == 0 or torch.broadcast_shapes(eps.shape, x.shape) == x.shape
     except RuntimeError:
         ok = False
     if not ok:
