@@ -25,6 +25,12 @@ struct BoxKernels {
                                                               const at::Tensor& g_r_out,
                                                               const at::Tensor& c,
                                                               const at::Tensor& r);
+  // (centre, radius) of the eps-ball around x (N, C, *plane) clipped to [0, 1], mapped
+  // through h = x * scale + shift (scale, shift: (C,)); x dense and contiguous, eps one
+  // element or dense like x. Throws on x outside [0, 1] or eps < 0 (NaN included).
+  static std::tuple<at::Tensor, at::Tensor> input_box(const at::Tensor& x, const at::Tensor& eps,
+                                                      const at::Tensor& scale,
+                                                      const at::Tensor& shift);
   // (centre, radius) -> (lower, upper), in place.
   static void to_bounds_(const at::Tensor& a, const at::Tensor& b);
   static std::tuple<at::Tensor, at::Tensor> to_bounds_backward(const at::Tensor& g_lower,

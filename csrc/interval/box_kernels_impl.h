@@ -51,6 +51,28 @@ std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::prologue_backward(
 }
 
 template <class Backend>
+std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::input_box(const at::Tensor& x,
+                                                                  const at::Tensor& eps,
+                                                                  const at::Tensor& scale,
+                                                                  const at::Tensor& shift) {
+  at::Tensor c = at::empty_like(x), r = at::empty_like(x);
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const int64_t plane = x.numel() / std::max<int64_t>(batch * channels, 1);
+  bool bad = false;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_box_input_box", [&] {
+    auto run = [&](auto scalar_eps) {
+      box::InputBox<scalar_t, decltype(scalar_eps)::value> f{
+          x.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
+          shift.const_data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), channels, plane};
+      bad = Backend::for_each_nested_any(batch * channels, 1, plane, f, x);
+    };
+    eps.numel() == 1 ? run(std::true_type{}) : run(std::false_type{});
+  });
+  TORCH_CHECK(!bad, "x must lie in [0, 1] and eps must be >= 0 everywhere (no NaN)");
+  return {c, r};
+}
+
+template <class Backend>
 void BoxKernels<Backend>::to_bounds_(const at::Tensor& a, const at::Tensor& b) {
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "robprune_box_to_bounds", [&] {
     box::ToBounds<scalar_t> f{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>()};

@@ -101,6 +101,34 @@ struct ToBoundsBackward {
   }
 };
 
+// The input box of a verification problem: the L-inf ball of radius eps around x intersected
+// with [0, 1], pushed through the model's per-channel normalisation h = x * scale + shift,
+// in one pass (one read of x, the two outputs written once). Run by for_each_nested_any over
+// (N * C rows, 1, plane); returns true for invalid input (x outside [0, 1] or NaN, eps < 0 or
+// NaN), which the pass checks along the way. SCALAR_EPS: one eps for every element.
+template <class T, bool SCALAR_EPS>
+struct InputBox {
+  const T* x;
+  const T* eps;
+  const T* scale;
+  const T* shift;
+  T* c;
+  T* r;
+  int64_t channels, plane;
+  C10_HOST_DEVICE bool operator()(int64_t row, int64_t /*unused*/, int64_t i) const {
+    const int64_t k = row * plane + i, ch = row % channels;
+    const T xk = x[k], e = eps[SCALAR_EPS ? 0 : k];
+    // Ternaries written as min / max: GCC vectorises these (unlike bool-to-float conversions).
+    const T below = xk - e, above = xk + e;
+    const T lo = below < T(0) ? T(0) : below;
+    const T hi = above > T(1) ? T(1) : above;
+    const T s = scale[ch];
+    c[k] = (hi + lo) / T(2) * s + shift[ch];
+    r[k] = (hi - lo) / T(2) * (s < T(0) ? -s : s);
+    return !((xk >= T(0)) & (xk <= T(1)) & (e >= T(0)));
+  }
+};
+
 // The two weights an interval layer multiplies by: W * M for the centre and |W * M| for the
 // radius, written to the halves of one (2, *W.shape) buffer.
 template <class T, bool MASKED>

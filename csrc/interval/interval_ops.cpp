@@ -10,6 +10,8 @@
 #include <robprune/backend.h>
 #include <robprune/checks.h>
 
+#include <ATen/ops/full.h>
+
 namespace robprune {
 namespace {
 
@@ -116,6 +118,28 @@ at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::
   return with_backend(weight, [&](auto tag) {
     return BoxKernels<typename decltype(tag)::type>::weight_pair(weight_like(weight, weight),
                                                                  weight_like(mask, weight));
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> input_box(const at::Tensor& x, const at::Tensor& eps,
+                                             const c10::optional<at::Tensor>& scale,
+                                             const c10::optional<at::Tensor>& shift) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 2, "x must have shape (N, C, *), got ", x.sizes());
+  check_like(eps, "eps", x, "x");
+  TORCH_CHECK(eps.numel() == 1 || eps.sizes() == x.sizes(), "eps must have one element or the ",
+              "shape of x ", x.sizes(), ", got ", eps.sizes());
+  const int64_t channels = x.size(1);
+  auto per_channel = [&](const c10::optional<at::Tensor>& t, const char* name, double identity) {
+    if (!t) return at::full({channels}, identity, x.options());
+    check_like(*t, name, x, "x");
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, name, " must have shape (C,) = (",
+                channels, ",), got ", t->sizes());
+    return t->contiguous();
+  };
+  const at::Tensor s = per_channel(scale, "scale", 1.0), t = per_channel(shift, "shift", 0.0);
+  return with_backend(x, [&](auto tag) {
+    return BoxKernels<typename decltype(tag)::type>::input_box(x.contiguous(), eps.contiguous(), s, t);
   });
 }
 

@@ -23,6 +23,14 @@ using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
 
 at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::Tensor>& mask);
 
+// input_box: the box (centre, radius) of the L-inf ball of radius eps around x (N, C, *) clipped
+// to [0, 1], mapped through the per-channel affine h = x * scale + shift (scale, shift: (C,);
+// identity when absent): a model's input normalisation folded into one pass over x. eps has
+// one element or the shape of x. Refuses x outside [0, 1] and eps < 0.
+std::tuple<at::Tensor, at::Tensor> input_box(const at::Tensor& x, const at::Tensor& eps,
+                                             const c10::optional<at::Tensor>& scale,
+                                             const c10::optional<at::Tensor>& shift);
+
 std::tuple<at::Tensor, at::Tensor> interval_linear(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,

@@ -104,18 +104,6 @@ def _box_from_bounds(lower, upper):
     return (upper + lower) / 2, (upper - lower) / 2
 
 
-def _input_box(x, eps):
-    """(centre, radius) of the L-inf ball of radius eps around x intersected with [0, 1].
-
-    Two new tensors and in-place passes: on the CPU, every fresh tensor of an input batch costs
-    page faults, and for a small network this box is a visible share of an IBP pass.
-    """
-    center = (x - eps).clamp_(0, 1)          # lower for now
-    radius = (x + eps).clamp_(0, 1)          # upper for now
-    radius.sub_(center).mul_(0.5)            # (upper - lower) / 2
-    return center.add_(radius), radius       # lower + radius = (lower + upper) / 2
-
-
 # --------------------------------------------------------------------------------------------------
 # The layer walk: every supported module becomes an op that knows its interval step (``ibp``), its
 # clean forward (``clean``, only used to resolve training-mode batch norm) and, for affine ops, its
@@ -725,11 +713,33 @@ def _ibp_stage(model, x, eps, C, dtype, method):
             if not op.supports_crown:
                 raise NotImplementedError(f"method {method!r} does not support layer {op.name}"
                                           f"; use method='ibp'")
-    box = _input_box(x, eps)
     if _needs_clean(seq):
         _clean_walk(seq, x)
-    out, C = _ibp_output(seq, *box, C)
+    # CROWN concretises over the input box in pixel space; IBP starts from it pushed through
+    # the model's input normalisation, which ops.input_box folds into the same pass over x.
+    box = None if method == "ibp" else ops.input_box(x, eps)
+    scale, shift = _input_normalisation(seq, x)
+    if scale is not None:
+        seq[0].in_shape = seq[0].out_shape = tuple(x.shape[1:])
+        out, C = _ibp_output(seq[1:], *ops.input_box(x, eps, scale, shift), C)
+    else:
+        out, C = _ibp_output(seq, *(box if box is not None else ops.input_box(x, eps)), C)
     return seq, box, out, C
+
+
+def _input_normalisation(seq, x):
+    """(scale, shift) of shape (C,) when seq starts with a per-channel input normalisation
+    (models.Normalize) that ops.input_box can fold in, else (None, None)."""
+    first = seq[0] if seq else None
+    if type(first) is not _Scale or x.dim() < 2:
+        return None, None
+    channels = x.shape[1]
+    scale, shift = first.scale.reshape(-1), first.shift.reshape(-1)
+    if scale.numel() == 1:
+        scale, shift = scale.expand(channels), shift.expand(channels)
+    if scale.numel() != channels or first.scale.shape[1:] != (1,) * (x.dim() - 2):
+        return None, None
+    return scale.contiguous(), shift.contiguous()
 
 
 class _ReluBounds(Mapping):

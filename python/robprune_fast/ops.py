@@ -122,6 +122,38 @@ def box_from_bounds(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Ten
     return (upper + lower) / 2, (upper - lower) / 2
 
 
+# --- the input box -----------------------------------------------------------------------------
+
+def input_box(x, eps, scale=None, shift=None):
+    """(centre, radius) of the L-inf ball of radius eps around x (N, C, *) clipped to [0, 1],
+    mapped through the per-channel affine h = x * scale + shift (a model's input normalisation,
+    scale and shift of shape (C,); identity when None), in one pass over x.
+
+    x must lie in [0, 1]; eps: a number >= 0 or a tensor broadcast to x. Differentiable in all
+    four (the gradient is the twin's, ``reference.input_box``).
+    """
+    _check_tensor(x, "x")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *), got {tuple(x.shape)}")
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    if eps.numel() != 1:
+        try:
+            eps = eps.expand(x.shape)
+        except RuntimeError:
+            raise ValueError(f"eps must be a number or broadcast to x's shape {tuple(x.shape)}, "
+                             f"got shape {tuple(eps.shape)}") from None
+    for t, name in ((scale, "scale"), (shift, "shift")):
+        if t is not None:
+            _check_tensor(t, name, x, "x")
+            if t.shape != (x.shape[1],):
+                raise ValueError(f"{name} must have shape (C,) = ({x.shape[1]},), got {tuple(t.shape)}")
+    if _use_kernel("input_box", x.device):
+        return _OPS.input_box(x, eps.reshape(()) if eps.numel() == 1 else eps, scale, shift)
+    if not bool(((x >= 0) & (x <= 1)).all() and (eps >= 0).all()):
+        raise ValueError("x must lie in [0, 1] and eps must be >= 0 everywhere (no NaN)")
+    return reference.input_box(x, eps, scale, shift)
+
+
 # --- |W * M|, made once per weight update ----------------------------------------------------
 
 # weight -> (key, mask weakref, pair), filled only inside weight_cache() scopes. Keyed on the
@@ -387,6 +419,32 @@ def _register_crown_relu_op() -> None:
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def _register_input_box_op() -> None:
+    op = "robprune_fast::input_box"
+
+    @torch.library.register_fake(op)
+    def _fake(x, eps, scale, shift):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in inputs])
+        ctx.present = [t is not None for t in inputs]
+
+    def backward(ctx, grad_c, grad_r):
+        # The box is a few clamps and affine maps: its gradient is the twin's, taken by autograd
+        # (inputs that need no gradient stay out of the graph).
+        saved = [t if present else None for t, present in zip(ctx.saved_tensors, ctx.present)]
+        needs = ctx.needs_input_grad
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, needs)]
+            c, r = reference.input_box(*leaves)
+            wanted = [t for t, n in zip(leaves, needs) if t is not None and n]
+            grads = iter(torch.autograd.grad((c, r), wanted, (grad_c, grad_r), allow_unused=True))
+        return tuple(next(grads) if t is not None and n else None for t, n in zip(leaves, needs))
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 def _register_crown_affine_op(name: str, step_output) -> None:
     """Fake kernel and autograd formula of crown_<name>_backward.
 
@@ -438,6 +496,7 @@ if _C is not None:
     _register_interval_op("linear", _linear_output)
     _register_interval_op("conv2d", _conv2d_output)
     _register_crown_relu_op()
+    _register_input_box_op()
     _register_crown_affine_op("linear", _crown_linear_output)
     _register_crown_affine_op("conv2d", _crown_conv2d_output)
 

@@ -28,6 +28,20 @@ def masked_weight_pair(weight: torch.Tensor, mask: torch.Tensor | None = None) -
     return torch.stack([w, w.abs()])
 
 
+def input_box(x, eps, scale=None, shift=None):
+    """(centre, radius) of the L-inf ball of radius eps around x (N, C, *) clipped to [0, 1],
+    mapped through the per-channel affine h = x * scale + shift (a model's input
+    normalisation; identity when scale / shift are None). eps: a number or broadcast to x."""
+    lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    center, radius = (upper + lower) / 2, (upper - lower) / 2
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        center, radius = center * scale.view(view), radius * scale.abs().view(view)
+    if shift is not None:
+        center = center + shift.view(view)
+    return center, radius
+
+
 def relu_box(center: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Image of the box (center, radius) under ReLU, again as (center, radius)."""
     lower = torch.relu(center - radius)

@@ -59,6 +59,25 @@ struct CpuBackend {
     });
   }
 
+  // for_each_nested for functors that return true on invalid input: whether any did.
+  template <class F>
+  static bool for_each_nested_any(int64_t outer, int64_t middle, int64_t inner, const F& f,
+                                  const at::Tensor& /*like*/) {
+    std::atomic<bool> any{false};
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(middle * inner, 1));
+    at::parallel_for(0, outer, grain, [&](int64_t begin, int64_t end) {
+      const F g = f;  // see for_each
+      int local = 0;
+      for (int64_t o = begin; o < end; ++o)
+        for (int64_t m = 0; m < middle; ++m) {
+#pragma omp simd reduction(| : local)
+          for (int64_t i = 0; i < inner; ++i) local |= static_cast<int>(g(o, m, i));
+        }
+      if (local) any.store(true, std::memory_order_relaxed);
+    });
+    return any.load();
+  }
+
   // For row functors: f(row, j) handles element j of a row and returns its contribution to the
   // row's sum, which lands in sums[row]. Rows are spread over threads, elements vectorised.
   template <class F, class T>

@@ -42,6 +42,17 @@ __global__ void for_each_nested_kernel(int64_t outer, int64_t middle, int64_t in
   }
 }
 
+template <class F>
+__global__ void for_each_nested_any_kernel(int64_t outer, int64_t middle, int64_t inner, F f, int* any) {
+  bool local = false;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < outer * inner;
+       t += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t o = t / inner, i = t - o * inner;
+    for (int64_t m = 0; m < middle; ++m) local |= f(o, m, i);
+  }
+  if (local) *any = 1;  // a benign race, as in for_each_any_kernel
+}
+
 // One block per row: threads stride over the row's elements, then reduce in shared memory.
 template <class F, class T, int THREADS>
 __global__ void rows_sum_kernel(int64_t cols, F f, T* sums) {
@@ -96,6 +107,19 @@ struct CudaBackend {
     for_each_nested_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         outer, middle, inner, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Twin of CpuBackend::for_each_nested_any; one device-to-host sync, as for_each_any.
+  template <class F>
+  static bool for_each_nested_any(int64_t outer, int64_t middle, int64_t inner, const F& f,
+                                  const at::Tensor& like) {
+    const int64_t n = outer * inner;
+    if (n == 0) return false;
+    at::Tensor flag = at::zeros({1}, like.options().dtype(at::kInt));
+    for_each_nested_any_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        outer, middle, inner, f, flag.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return flag.item<int>() != 0;
   }
 
   // Twin of CpuBackend::rows_sum.
