@@ -41,13 +41,18 @@ def _sync(device: torch.device):
 def timeit(fns: dict, device, repeats: int, warmup: int = 2) -> dict:
     """Median wall time in seconds of each of fns' callables. The variants take turns within
     every repetition, so a drift in the machine's speed (these shared machines swing by 1.5x)
-    hits them alike and their ratios stay meaningful."""
+    hits them alike and their ratios stay meaningful; the turn order rotates from one
+    repetition to the next, so no variant always runs right after the same other one (a
+    variant that follows one with large tensors finds cold caches and freshly trimmed heap)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    names = list(fns)
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             _sync(device)
             start = time.perf_counter()
             fn()
