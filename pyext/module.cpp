@@ -22,6 +22,7 @@
 TORCH_LIBRARY(robprune_fast, m) {
   m.def("masked_weight_pair(Tensor weight, Tensor? mask) -> Tensor");
   m.def("input_box(Tensor x, Tensor eps, Tensor? scale, Tensor? shift) -> (Tensor, Tensor)");
+  m.def("relu_box_(Tensor(a!) center, Tensor(b!) radius) -> ()");
   m.def(
       "interval_linear(Tensor center, Tensor radius, Tensor weight, Tensor? bias, Tensor? mask, "
       "Tensor? weight_pair, bool relu_in, bool out_bounds) -> (Tensor, Tensor)");
@@ -65,6 +66,7 @@ TORCH_LIBRARY(robprune_fast, m) {
 static void register_interval_ops(torch::Library& m) {
   m.impl("masked_weight_pair", &robprune::masked_weight_pair);
   m.impl("input_box", &robprune::input_box);
+  m.impl("relu_box_", &robprune::relu_box_);
   m.impl("interval_linear", &robprune::interval_linear);
   m.impl("interval_linear_backward", &robprune::interval_linear_backward);
   m.impl("interval_conv2d", &robprune::interval_conv2d);

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from robprune_fast import bound_steps, bounds, models, reference
+from robprune_fast import bound_steps, bounds, models, ops, reference
 
 METHODS = bounds.METHODS
 TOL64 = 1e-9
@@ -223,6 +223,35 @@ def test_colliding_specifications_are_not_grouped():
         lo, up = bounds.compute_bounds(model, x[i:i + 1], 0.05, "ibp", C[i:i + 1])
         torch.testing.assert_close(lower[i:i + 1], lo, atol=TOL64, rtol=0)
         torch.testing.assert_close(upper[i:i + 1], up, atol=TOL64, rtol=0)
+
+
+@pytest.mark.parametrize("build,shape", [(_mlp, (1, 6, 6)), (_cnn, (2, 8, 8)),
+                                         (_maxpool_cnn, (1, 8, 8)), (_resnet, (1, 8, 8))],
+                         ids=["mlp", "cnn", "maxpool", "resnet"])
+@pytest.mark.parametrize("with_spec", [False, True], ids=["logits", "margins"])
+def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monkeypatch):
+    """compute_bounds' IBP without autograd ReLUs its own boxes in place (ops.relu_box_):
+    the same bounds, bit for bit, as the path that keeps every pre-activation box
+    (bound_details), and neither x nor the model changes. With autograd it stays functional."""
+    model = build()
+    x = _inputs(shape, n=4)
+    with torch.no_grad():
+        classes = model(x).shape[1]
+    C = bounds.margin_spec(torch.tensor([0, 2, 1, 0]), classes, torch.float64) if with_spec else None
+    x_before, params_before = x.clone(), [p.clone() for p in model.state_dict().values()]
+    calls = []
+    real = ops.relu_box_
+    monkeypatch.setattr(ops, "relu_box_", lambda c, r: calls.append(1) or real(c, r))
+    with torch.no_grad():
+        lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
+        assert calls, "the in-place path was not taken"
+        details = bounds.bound_details(model, x, 0.05, "ibp", C)
+    assert torch.equal(lower, details.lower) and torch.equal(upper, details.upper)
+    assert torch.equal(x, x_before)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), params_before))
+    calls.clear()
+    bounds.compute_bounds(model, x, 0.05, "ibp", C)  # grad mode on: functional
+    assert not calls
 
 
 def test_one_linear_layer_is_exact_for_every_method():

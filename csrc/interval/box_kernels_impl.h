@@ -16,9 +16,10 @@ namespace robprune {
 
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::prologue(const at::Tensor& c,
-                                                                 const at::Tensor& r, bool relu) {
-  at::Tensor c_out = relu ? at::empty_like(c) : c;
-  at::Tensor r_out = relu ? at::empty_like(r) : r;
+                                                                 const at::Tensor& r, bool relu,
+                                                                 bool in_place) {
+  at::Tensor c_out = relu && !in_place ? at::empty_like(c) : c;
+  at::Tensor r_out = relu && !in_place ? at::empty_like(r) : r;
   bool bad = false;
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "robprune_box_prologue", [&] {
     const scalar_t* cp = c.const_data_ptr<scalar_t>();
@@ -64,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::input_box(const at::Tens
       box::InputBox<scalar_t, decltype(scalar_eps)::value> f{
           x.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
           shift.const_data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), channels, plane};
-      bad = Backend::for_each_nested_any(batch * channels, 1, plane, f, x);
+      bad = Backend::for_each_nested_any(batch, channels, plane, f, x);
     };
     eps.numel() == 1 ? run(std::true_type{}) : run(std::false_type{});
   });

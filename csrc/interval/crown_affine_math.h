@@ -12,16 +12,22 @@ namespace robprune::crown {
 
 // Row functor for Backend::rows_sum over A's flat buffer cut into rows of `cols` elements.
 // PER_ROW_CHANNEL (NCHW conv layers): a row is one channel plane, so the channel is fixed
-// along it (the compiler hoists bias[row % channels] out of the inner loop). Otherwise
-// (linear layers, channels_last conv layers): a row lists the channels of one pixel, element j
-// being channel j.
+// along it and its bias is read once per row. Otherwise (linear layers, channels_last conv
+// layers): a row lists the channels of one pixel, element j being channel j.
 template <class T, bool PER_ROW_CHANNEL>
 struct BiasDot {
   const T* A;
   const T* bias;
   int64_t cols, channels;
-  C10_HOST_DEVICE T operator()(int64_t row, int64_t j) const {
-    return A[row * cols + j] * bias[PER_ROW_CHANNEL ? row % channels : j];
+
+  struct Row {
+    const T* a;
+    const T* bias;
+    T row_bias;
+    C10_HOST_DEVICE T operator()(int64_t j) const { return a[j] * (PER_ROW_CHANNEL ? row_bias : bias[j]); }
+  };
+  C10_HOST_DEVICE Row row(int64_t r) const {
+    return {A + r * cols, bias, PER_ROW_CHANNEL ? bias[r % channels] : T(0)};
   }
 };
 

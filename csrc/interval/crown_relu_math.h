@@ -89,7 +89,8 @@ struct SideLines {
 };
 
 // Shapes: A (Ba, S, N) with Ba = 1 (shared by the whole batch) or B; bounds (B, N); out
-// (B, S, N). Row = b * S + s. UPPER: the walk bounds from above.
+// (B, S, N). Row = b * S + s. UPPER: the walk bounds from above. A row functor for
+// Backend::rows_sum: the row's sum is its bias contribution.
 template <class T, bool UPPER, bool SHARED>
 struct ReluStep {
   const T* A;
@@ -98,14 +99,23 @@ struct ReluStep {
   int64_t specs, neurons;
   bool broadcast;
 
-  // Writes out[row, n] and returns the row's bias contribution from neuron n.
-  C10_HOST_DEVICE T operator()(int64_t row, int64_t n) const {
-    const int64_t b = row / specs, s = row - b * specs;
-    const T a = A[((broadcast ? 0 : b) * specs + s) * neurons + n];
-    const Lines<T> l = lines(b * neurons + n);
-    const T pos = box::relu(a), neg = a - pos;
-    out[row * neurons + n] = pos * l.pos_slope + neg * l.neg_slope;
-    return (UPPER ? pos : neg) * l.intercept;
+  struct Row {
+    const T* a;                       // the row of A
+    LinesAt<T, UPPER, SHARED> lines;
+    int64_t first;                    // b * N: the row's input's first neuron in the bounds
+    T* out;                           // the row of out
+    // Writes out[row, n] and returns the row's bias contribution from neuron n.
+    C10_HOST_DEVICE T operator()(int64_t n) const {
+      const T an = a[n];
+      const Lines<T> l = lines(first + n);
+      const T pos = box::relu(an), neg = an - pos;
+      out[n] = pos * l.pos_slope + neg * l.neg_slope;
+      return (UPPER ? pos : neg) * l.intercept;
+    }
+  };
+  C10_HOST_DEVICE Row row(int64_t r) const {
+    const int64_t b = r / specs, s = r - b * specs;
+    return {A + ((broadcast ? 0 : b) * specs + s) * neurons, lines, b * neurons, out + r * neurons};
   }
 };
 

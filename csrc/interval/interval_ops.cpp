@@ -10,6 +10,7 @@
 #include <robprune/backend.h>
 #include <robprune/checks.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/full.h>
 
 namespace robprune {
@@ -118,6 +119,20 @@ at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::
   return with_backend(weight, [&](auto tag) {
     return BoxKernels<typename decltype(tag)::type>::weight_pair(weight_like(weight, weight),
                                                                  weight_like(mask, weight));
+  });
+}
+
+void relu_box_(const at::Tensor& center, const at::Tensor& radius) {
+  check_float(center, "center");
+  check_like(radius, "radius", center, "center");
+  check_same_shape(radius, "radius", center, "center");
+  // The kernel walks both buffers by one flat index, writing where it reads.
+  TORCH_CHECK(center.is_non_overlapping_and_dense() && radius.strides() == center.strides(),
+              "center and radius must be dense and laid out alike (same strides), got strides ",
+              center.strides(), " and ", radius.strides());
+  at::assert_no_overlap(center, radius);  // each is written from both
+  with_backend(center, [&](auto tag) {
+    BoxKernels<typename decltype(tag)::type>::prologue(center, radius, /*relu=*/true, /*in_place=*/true);
   });
 }
 

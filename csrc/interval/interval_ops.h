@@ -31,6 +31,13 @@ std::tuple<at::Tensor, at::Tensor> input_box(const at::Tensor& x, const at::Tens
                                              const c10::optional<at::Tensor>& scale,
                                              const c10::optional<at::Tensor>& shift);
 
+// relu_box_: the box (center, radius) mapped through ReLU, written over its own storage: the
+// relu_in prologue for a box nobody else reads, without its two fresh copies. center and radius
+// must be dense and laid out alike. The radius is checked in the same pass: a negative or NaN
+// entry throws and leaves the contents unspecified. Not differentiable (ops.py refuses inputs
+// that require grad).
+void relu_box_(const at::Tensor& center, const at::Tensor& radius);
+
 std::tuple<at::Tensor, at::Tensor> interval_linear(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,

@@ -483,14 +483,21 @@ def _clean_walk(seq, x):
 # IBP
 
 
-def _ibp_walk(seq, c, r, keep_pending=False):
+def _ibp_walk(seq, c, r, keep_pending=False, in_place=False):
     """Push the box (c, r) through seq.  A ReLU is held back ("pending") until the next op, so that
     a linear/conv layer can apply it in its relu_in prologue.  Returns (c, r) or, with
-    ``keep_pending``, (c, r, pending) leaving a final pending ReLU to the caller."""
+    ``keep_pending``, (c, r, pending) leaving a final pending ReLU to the caller.
+
+    ``in_place``: nobody reads a ReLU's pre-activation box (no ReLU bounds wanted, no autograd)
+    and the walk owns every box it makes, so a ReLU maps the box where it lies (ops.relu_box_)
+    and records nothing: no prologue copies, and on the CPU none of their page faults.
+    """
     pending = False
     for op in seq:
         op.in_shape = tuple(c.shape[1:])
-        if isinstance(op, _ReLU):
+        if isinstance(op, _ReLU) and in_place:
+            c, r = ops.relu_box_(c, r) if c.stride() == r.stride() else _relu_box(c, r)
+        elif isinstance(op, _ReLU):
             if pending:  # ReLU after ReLU: record the true (non-negative) input box
                 c, r = _relu_box(c, r)
             op.record(c, r)
@@ -509,17 +516,17 @@ def _ibp_walk(seq, c, r, keep_pending=False):
     return _relu_box(c, r) if pending else (c, r)
 
 
-def _ibp_output(seq, c, r, C):
+def _ibp_output(seq, c, r, C, in_place=False):
     """IBP ((lower, upper), C) of the output, or of C @ output with C folded into a final Linear;
-    C comes back checked and expanded to (B, S, K)."""
+    C comes back checked and expanded to (B, S, K). in_place: as in _ibp_walk."""
     if C is not None and seq and isinstance(seq[-1], _Linear):
-        c, r, pending = _ibp_walk(seq[:-1], c, r, keep_pending=True)
+        c, r, pending = _ibp_walk(seq[:-1], c, r, keep_pending=True, in_place=in_place)
         last = seq[-1]
         last.in_shape = tuple(c.shape[1:])
         C = _expand_spec(C, c.shape[0], last.weight.shape[0])
         last.out_shape = (last.weight.shape[0],)
         return last.ibp_spec(c, r, C, relu_in=pending), C
-    c, r = _ibp_walk(seq, c, r)
+    c, r = _ibp_walk(seq, c, r, in_place=in_place)
     if C is not None:
         if c.dim() != 2:
             raise ValueError(f"C needs a model with flat outputs (B, K), got outputs of shape "
@@ -703,10 +710,11 @@ def _check_spec(C, x, dtype):
     return C.to(device=x.device, dtype=dtype)
 
 
-def _ibp_stage(model, x, eps, C, dtype, method):
+def _ibp_stage(model, x, eps, C, dtype, method, in_place=False):
     """Compile the model and run IBP over the input box: every ReLU records its pre-activation
-    bounds.  Returns (ops, input box, (lower, upper) of the output or of C @ output, C as (B, S, K)).
-    Must run inside ``exact_float``."""
+    bounds (none with in_place, see _ibp_walk; only IBP may pass it: CROWN reads the records and
+    its input box).  Returns (ops, input box, (lower, upper) of the
+    output or of C @ output, C as (B, S, K)).  Must run inside ``exact_float``."""
     seq = _compile(model, "", dtype)
     if method != "ibp":
         for op in seq:
@@ -721,9 +729,10 @@ def _ibp_stage(model, x, eps, C, dtype, method):
     scale, shift = _input_normalisation(seq, x)
     if scale is not None:
         seq[0].in_shape = seq[0].out_shape = tuple(x.shape[1:])
-        out, C = _ibp_output(seq[1:], *ops.input_box(x, eps, scale, shift), C)
+        out, C = _ibp_output(seq[1:], *ops.input_box(x, eps, scale, shift), C, in_place)
     else:
-        out, C = _ibp_output(seq, *(box if box is not None else ops.input_box(x, eps)), C)
+        out, C = _ibp_output(seq, *(box if box is not None else ops.input_box(x, eps)), C,
+                             in_place)
     return seq, box, out, C
 
 
@@ -774,14 +783,22 @@ def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-i
     ``relu_bounds`` maps each ReLU layer's name (its module path; a module used twice gets a
     ``:2`` suffix) to (lower, upper) of shape (B, *neuron_shape).
     """
+    return _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype,
+                   relu_bounds=True)
+
+
+def _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype, relu_bounds):
+    """bound_details; without relu_bounds, Bounds.relu_bounds is empty, and IBP without
+    autograd then maps its boxes through the ReLUs in place (see _ibp_walk)."""
     _check_method(method)
     if not (isinstance(max_memory, int) and max_memory > 0):
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
     dtype = _compute_dtype(x, dtype)
     x, eps = _check_input(x, eps, dtype)
     C = _check_spec(C, x, dtype)
+    in_place = method == "ibp" and not relu_bounds and not torch.is_grad_enabled()
     with exact_float(), ops.weight_cache():
-        seq, box, (lower, upper_bound), C = _ibp_stage(model, x, eps, C, dtype, method)
+        seq, box, (lower, upper_bound), C = _ibp_stage(model, x, eps, C, dtype, method, in_place)
         if method != "ibp":
             if method == "crown":
                 _crown_intermediate(seq, box, intersect_ibp, max_memory)
@@ -795,8 +812,7 @@ def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-i
             if intersect_ibp:
                 lower = torch.maximum(lower, ibp_lower)
                 upper_bound = None if upper_bound is None else torch.minimum(upper_bound, ibp_upper)
-        relu_bounds = _ReluBounds(seq)
-    return Bounds(lower, upper_bound if upper else None, relu_bounds)
+    return Bounds(lower, upper_bound if upper else None, _ReluBounds(seq) if relu_bounds else {})
 
 
 def compute_bounds(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-ibp",
@@ -815,8 +831,8 @@ def compute_bounds(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-
     (default, float64 for float64 inputs) or float64.  Differentiable with respect to the model's
     parameters (for IBP / CROWN-IBP training).
     """
-    b = bound_details(model, x, eps, method, C, upper=upper, intersect_ibp=intersect_ibp,
-                      max_memory=max_memory, dtype=dtype)
+    b = _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype,
+                relu_bounds=False)
     return b.lower, b.upper
 
 

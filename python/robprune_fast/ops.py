@@ -154,6 +154,33 @@ def input_box(x, eps, scale=None, shift=None):
     return reference.input_box(x, eps, scale, shift)
 
 
+# --- the ReLU of a box, in place ----------------------------------------------------------------
+
+def relu_box_(center, radius):
+    """The box (center, radius) mapped through ReLU, written over center and radius (returned).
+
+    The relu_in prologue of the interval ops for a box nobody else reads: one pass, no fresh
+    copies, which on the CPU also spares the page faults of new buffers. center and radius must
+    be dense and laid out alike. Not differentiable: use ``relu_in`` where gradients are wanted.
+    """
+    _check_tensor(center, "center")
+    _check_tensor(radius, "radius", center)
+    if radius.shape != center.shape:
+        raise ValueError(f"radius must have the shape of center {tuple(center.shape)}, "
+                         f"got {tuple(radius.shape)}")
+    if radius.stride() != center.stride():  # density is checked by the kernel
+        raise ValueError("center and radius must be laid out alike (same strides), got strides "
+                         f"{center.stride()} and {radius.stride()}")
+    if torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad):
+        raise ValueError("relu_box_ is not differentiable and writes over its inputs; use the "
+                         "interval ops' relu_in=True (or reference.relu_box) under autograd")
+    if _use_kernel("relu_box_", center.device):
+        _OPS.relu_box_(center, radius)
+        return center, radius
+    _check_radius_values(radius)
+    return reference.relu_box_(center, radius)
+
+
 # --- |W * M|, made once per weight update ----------------------------------------------------
 
 # weight -> (key, mask weakref, pair), filled only inside weight_cache() scopes. Keyed on the
@@ -419,6 +446,12 @@ def _register_crown_relu_op() -> None:
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def _register_relu_box_op() -> None:
+    @torch.library.register_fake("robprune_fast::relu_box_")
+    def _fake(center, radius):
+        return None
+
+
 def _register_input_box_op() -> None:
     op = "robprune_fast::input_box"
 
@@ -497,6 +530,7 @@ if _C is not None:
     _register_interval_op("conv2d", _conv2d_output)
     _register_crown_relu_op()
     _register_input_box_op()
+    _register_relu_box_op()
     _register_crown_affine_op("linear", _crown_linear_output)
     _register_crown_affine_op("conv2d", _crown_conv2d_output)
 

@@ -49,6 +49,12 @@ def relu_box(center: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, 
     return (upper + lower) / 2, (upper - lower) / 2
 
 
+def relu_box_(center: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """relu_box written over center and radius; returns them."""
+    c, r = relu_box(center, radius)
+    return center.copy_(c), radius.copy_(r)
+
+
 def _finish(center: torch.Tensor, radius: torch.Tensor, out_bounds: bool):
     if out_bounds:
         return center - radius, center + radius

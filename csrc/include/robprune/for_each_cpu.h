@@ -78,17 +78,20 @@ struct CpuBackend {
     return any.load();
   }
 
-  // For row functors: f(row, j) handles element j of a row and returns its contribution to the
-  // row's sum, which lands in sums[row]. Rows are spread over threads, elements vectorised.
+  // For row functors: f.row(row) binds f to one row (its per-row index arithmetic, divisions
+  // included, done once: with a division per element GCC leaves the loop scalar), and the
+  // bound h(j) handles element j of that row and returns its contribution to the row's sum,
+  // which lands in sums[row]. Rows are spread over threads, elements vectorised.
   template <class F, class T>
   static void rows_sum(int64_t rows, int64_t cols, const F& f, T* sums) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       const F g = f;  // see for_each
       for (int64_t row = begin; row < end; ++row) {
+        const auto h = g.row(row);
         T acc = 0;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < cols; ++j) acc += g(row, j);
+        for (int64_t j = 0; j < cols; ++j) acc += h(j);
         sums[row] = acc;
       }
     });

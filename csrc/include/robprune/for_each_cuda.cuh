@@ -58,8 +58,9 @@ template <class F, class T, int THREADS>
 __global__ void rows_sum_kernel(int64_t cols, F f, T* sums) {
   __shared__ T partial[THREADS];
   const int64_t row = blockIdx.x;
+  const auto h = f.row(row);
   T acc = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += THREADS) acc += f(row, j);
+  for (int64_t j = threadIdx.x; j < cols; j += THREADS) acc += h(j);
   partial[threadIdx.x] = acc;
   __syncthreads();
   for (int half = THREADS / 2; half > 0; half /= 2) {
