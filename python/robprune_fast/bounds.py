@@ -167,8 +167,9 @@ class _Linear(_Op):
             c, r = _relu_box(c, r)
         weight = self.effective_weight()
         centre = (C @ F.linear(c, weight, self.bias).unsqueeze(-1)).squeeze(-1)
-        distinct, which = _distinct_specs(C)
         batch, specs = C.shape[:2]
+        # Grouping costs a few small ops: not worth it where no batch this small could share.
+        distinct, which = _distinct_specs(C) if batch >= _DISTINCT_SPEC_FRACTION else (None, None)
         if distinct is not None and distinct.shape[0] * _DISTINCT_SPEC_FRACTION <= batch:
             folded = (distinct @ weight).abs().reshape(-1, weight.shape[1])  # (U S, in)
             every = (r @ folded.t()).view(batch, -1, specs)                   # (B, U, S)
