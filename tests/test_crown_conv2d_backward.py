@@ -76,8 +76,9 @@ def test_step_is_exact(geometry):
     torch.testing.assert_close((new_A * h.unsqueeze(1)).flatten(2).sum(-1) + term, direct)
 
 
-def test_opcheck():
-    t = conv_inputs((2, 3), 4, 6, 3, (7, 8), 2, 1, 1, 2, torch.float32, "cpu", mask="random")
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(device):
+    t = conv_inputs((2, 3), 4, 6, 3, (7, 8), 2, 1, 1, 2, torch.float32, device, mask="random")
     args = tuple(v.requires_grad_(True) for v in t.values())
     torch.library.opcheck(torch.ops.robprune_fast.crown_conv2d_backward,
                           (*args, None, [7, 8], [2, 2], [1, 1], [1, 1], 2))

@@ -52,10 +52,11 @@ def test_step_is_exact():
 
 
 @pytest.mark.parametrize("bias,mask", [(True, "random"), (False, "none"), (True, "zeros")])
-def test_opcheck(bias, mask):
-    weight = torch.randn(6, 4, requires_grad=True)
-    args = (torch.randn(3, 2, 6, requires_grad=True), weight,
-            torch.randn(6, requires_grad=True) if bias else None,
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(bias, mask, device):
+    weight = torch.randn(6, 4, device=device, requires_grad=True)
+    args = (torch.randn(3, 2, 6, device=device, requires_grad=True), weight,
+            torch.randn(6, device=device, requires_grad=True) if bias else None,
             None if mask == "none" else make_mask(mask, weight.detach()).requires_grad_(True), None)
     torch.library.opcheck(torch.ops.robprune_fast.crown_linear_backward, args)
 

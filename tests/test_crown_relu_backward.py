@@ -49,8 +49,9 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_opcheck(shared):
-    A, lower, upper = relu_inputs(3, 4, (6,), torch.float32, "cpu", shared, stable_frac=0.0)
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(shared, device):
+    A, lower, upper = relu_inputs(3, 4, (6,), torch.float32, device, shared, stable_frac=0.0)
     for upper_side in (False, True):
         args = [t.clone().requires_grad_(True) for t in (A, lower, upper)]
         torch.library.opcheck(torch.ops.robprune_fast.crown_relu_backward, (*args, upper_side))

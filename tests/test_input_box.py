@@ -38,10 +38,12 @@ def test_matches_reference(device, dtype, affine, shape, eps_kind):
     compare_with_reference("input_box", tensors, {}, dtype)
 
 
-def test_opcheck():
-    x = make_x((3, 2, 4, 4), torch.float32, "cpu").requires_grad_(True)
-    args = (x, torch.tensor(0.05, requires_grad=True), torch.rand(2, requires_grad=True),
-            torch.randn(2, requires_grad=True))
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(device):
+    x = make_x((3, 2, 4, 4), torch.float32, device).requires_grad_(True)
+    args = (x, torch.tensor(0.05, device=device, requires_grad=True),
+            torch.rand(2, device=device, requires_grad=True),
+            torch.randn(2, device=device, requires_grad=True))
     torch.library.opcheck(torch.ops.robprune_fast.input_box, args)
 
 

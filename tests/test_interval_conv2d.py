@@ -74,9 +74,10 @@ def test_memory_layouts(device, layout):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(channels_last):
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(channels_last, device):
     for options in OPTIONS:
-        inputs = conv_inputs(2, 4, 6, 7, 3, 2, torch.float32, "cpu", mask="random")
+        inputs = conv_inputs(2, 4, 6, 7, 3, 2, torch.float32, device, mask="random")
         if channels_last:
             for k in ("center", "radius"):
                 inputs[k] = inputs[k].to(memory_format=torch.channels_last)

@@ -46,9 +46,10 @@ def test_non_contiguous_inputs(device):
     compare_with_reference("interval_linear", inputs, dict(relu_in=True, out_bounds=True), torch.float32)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(device):
     for options in OPTIONS:
-        inputs = linear_inputs((6,), 5, 4, torch.float32, "cpu", mask="random")
+        inputs = linear_inputs((6,), 5, 4, torch.float32, device, mask="random")
         args = [inputs[k] for k in ("center", "radius", "weight", "bias", "mask")]
         for t in args:
             t.requires_grad_(True)

@@ -30,11 +30,13 @@ def test_layouts():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(channels_last):
-    w = torch.randn(6, 4, 3, 3)
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(channels_last, device):
+    w = torch.randn(6, 4, 3, 3, device=device)
     if channels_last:
         w = w.to(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.robprune_fast.masked_weight_pair, (w, torch.rand(6, 4, 3, 3)))
+    torch.library.opcheck(torch.ops.robprune_fast.masked_weight_pair,
+                          (w, torch.rand(6, 4, 3, 3, device=device)))
     torch.library.opcheck(torch.ops.robprune_fast.masked_weight_pair, (w, None))
 
 

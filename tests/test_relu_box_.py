@@ -75,8 +75,9 @@ def test_box_is_sound(dtype):
         assert bool(((point - c).abs() <= r + SOUND_SLACK[dtype] * 4).all())
 
 
-def test_opcheck():
-    center, radius = make_box((3, 2, 4, 4), torch.float32, "cpu")
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(device):
+    center, radius = make_box((3, 2, 4, 4), torch.float32, device)
     torch.library.opcheck(torch.ops.robprune_fast.relu_box_, (center, radius))
 
 

@@ -111,7 +111,11 @@ def crown_relu_backward(A, lower, upper, upper_side=False):
     the bias. Returns (A in terms of z: (B, S, *neurons), bias: (B, S)).
     """
     upper_slope, upper_intercept, lower_slope = (t.unsqueeze(1) for t in relu_relaxation(lower, upper))
-    pos, neg = A.clamp(min=0), A.clamp(max=0)
+    # The positive and negative parts, with the subgradient 0 at a == 0 on both sides, as the
+    # kernel has it; clamp's own choice there differs between torch releases (2.11 passes the
+    # gradient at the boundary, 2.14 does not).
+    zero = A.new_zeros(())
+    pos, neg = torch.where(A > 0, A, zero), torch.where(A < 0, A, zero)
     if upper_side:
         out, chord_part = pos * upper_slope + neg * lower_slope, pos
     else:
