@@ -1,5 +1,7 @@
 """Shared checks for the interval ops' tests: kernel against reference twin (values and
-gradients), and soundness against sampled points of the input box."""
+gradients), soundness against sampled points of the input box, and the bound engine's
+unchecked entry points against the wrappers."""
+import pytest
 import torch
 
 from robprune_fast import ops, reference
@@ -61,3 +63,34 @@ def assert_sound(layer, center, radius, weight, bias, mask, options, samples=64)
         y = layer["apply"](x, w, bias)
         assert bool((y >= lower - slack).all()), f"sample {i} below the lower bound"
         assert bool((y <= upper + slack).all()), f"sample {i} above the upper bound"
+
+
+def check_engine_entry(name, args, private_args, bad_private_args, match):
+    """ops._<name>(*private_args), the bound engine's entry without the Python checks, gives
+    ops.<name>(*args)'s outputs bit for bit, with grad mode off (below the autograd layer) and
+    on (gradients too, for differentiable ops), and the kernel's own checks still refuse bad
+    input through it."""
+    public, private = getattr(ops, name), getattr(ops, f"_{name}")
+    differentiable = not name.endswith("_")  # a trailing _ marks an in-place op
+
+    def run(fn, inputs, grad):
+        inputs = [t.detach().clone().requires_grad_(grad and differentiable and t.is_floating_point())
+                  if isinstance(t, torch.Tensor) else t for t in inputs]
+        with torch.set_grad_enabled(grad):
+            out = fn(*inputs)
+        return inputs, out
+
+    for grad in (False, True):
+        (a_in, want), (b_in, got) = run(public, args, grad), run(private, private_args, grad)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+            assert g.requires_grad == w.requires_grad
+        if grad and differentiable:
+            cot = [torch.randn_like(w) for w in want]
+            torch.autograd.backward(list(want), cot)
+            torch.autograd.backward(list(got), cot)
+            for a, b in zip(a_in, b_in):
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    assert torch.equal(a.grad, b.grad)
+    with pytest.raises(RuntimeError, match=match), torch.no_grad():
+        private(*bad_private_args)

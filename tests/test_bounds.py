@@ -230,7 +230,7 @@ def test_colliding_specifications_are_not_grouped():
                          ids=["mlp", "cnn", "maxpool", "resnet"])
 @pytest.mark.parametrize("with_spec", [False, True], ids=["logits", "margins"])
 def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monkeypatch):
-    """compute_bounds' IBP without autograd ReLUs its own boxes in place (ops.relu_box_):
+    """compute_bounds' IBP without autograd ReLUs its own boxes in place (ops._relu_box_):
     the same bounds, bit for bit, as the path that keeps every pre-activation box
     (bound_details), and neither x nor the model changes. With autograd it stays functional."""
     model = build()
@@ -240,8 +240,8 @@ def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monke
     C = bounds.margin_spec(torch.tensor([0, 2, 1, 0]), classes, torch.float64) if with_spec else None
     x_before, params_before = x.clone(), [p.clone() for p in model.state_dict().values()]
     calls = []
-    real = ops.relu_box_
-    monkeypatch.setattr(ops, "relu_box_", lambda c, r: calls.append(1) or real(c, r))
+    real = ops._relu_box_
+    monkeypatch.setattr(ops, "_relu_box_", lambda c, r: calls.append(1) or real(c, r))
     with torch.no_grad():
         lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
         assert calls, "the in-place path was not taken"

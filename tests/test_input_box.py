@@ -3,7 +3,7 @@ soundness of the box it returns, bad input."""
 import pytest
 import torch
 
-from interval_helpers import DEVICES, SOUND_SLACK, compare_with_reference
+from interval_helpers import DEVICES, SOUND_SLACK, check_engine_entry, compare_with_reference
 from robprune_fast import ops
 
 
@@ -86,6 +86,15 @@ def test_bad_input(change, match, error):
     args.update(change)
     with pytest.raises(error, match=match):
         ops.input_box(**args)
+
+
+@pytest.mark.parametrize("per_pixel", [False, True], ids=["scalar_eps", "per_pixel_eps"])
+def test_engine_entry(per_pixel):
+    x = make_x((3, 2, 4, 4), torch.float32, "cpu")
+    eps = torch.rand(1, 2, 1, 1) * 0.1 if per_pixel else torch.tensor(0.05)
+    scale, shift = torch.rand(2) + 0.5, torch.randn(2)
+    check_engine_entry("input_box", [x, eps, scale, shift], [x, eps, scale, shift],
+                       [x, eps, torch.ones(3), shift], r"scale must have shape \(C,\)")
 
 
 def test_cpp_checks():

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interval_helpers import DEVICES, assert_sound, compare_with_reference, make_box
+from interval_helpers import DEVICES, assert_sound, check_engine_entry, compare_with_reference, make_box
 from robprune_fast import ops, reference
 
 OPTIONS = [dict(relu_in=r, out_bounds=o) for r in (False, True) for o in (False, True)]
@@ -136,6 +136,17 @@ def test_cpp_checks_without_python_wrapper():
         op(c, r, w, None, None, None, [1, 1], [0, 0], [5, 5], 1, False, False)
     with pytest.raises(RuntimeError, match="radius must be >= 0"):
         op(c, -r - 1, w, None, None, None, [1, 1], [0, 0], [1, 1], 1, False, False)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_engine_entry(options):
+    t = conv_inputs(2, 4, 6, 7, 3, 2, torch.float32, "cpu", mask="random")
+    tensors = [t[k] for k in ("center", "radius", "weight", "bias", "mask")]
+    flags = [options["relu_in"], options["out_bounds"]]
+    args = tensors + [2, 1, 1, 2] + flags
+    private = tensors + [[2, 2], [1, 1], [1, 1], 2] + flags
+    bad = private[:5] + [[0, 2]] + private[6:]
+    check_engine_entry("interval_conv2d", args, private, bad, "stride must be two positive ints")
 
 
 @pytest.mark.parametrize("relu_in", [False, True])

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interval_helpers import DEVICES, assert_sound, compare_with_reference, make_box
+from interval_helpers import DEVICES, assert_sound, check_engine_entry, compare_with_reference, make_box
 from robprune_fast import ops
 
 OPTIONS = [dict(relu_in=r, out_bounds=o) for r in (False, True) for o in (False, True)]
@@ -157,6 +157,14 @@ def test_cpp_checks_without_python_wrapper():
         op(c, r, w, None, None, torch.ones(2, 4), False, False)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         op(c, r, w, torch.ones(3), None, None, False, False)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_engine_entry(options):
+    t = linear_inputs((3,), 5, 4, torch.float32, "cpu", mask="random")
+    args = [t[k] for k in ("center", "radius", "weight", "bias", "mask")] + list(options.values())
+    bad = [t["center"], -t["radius"] - 1, *args[2:]]
+    check_engine_entry("interval_linear", args, args, bad, "radius must be >= 0")
 
 
 def test_box_from_bounds():

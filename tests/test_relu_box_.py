@@ -4,7 +4,7 @@ soundness of the box, bad input through the wrapper and through torch.ops."""
 import pytest
 import torch
 
-from interval_helpers import DEVICES, SOUND_SLACK, make_box
+from interval_helpers import DEVICES, SOUND_SLACK, check_engine_entry, make_box
 from robprune_fast import ops, reference
 
 
@@ -79,6 +79,12 @@ def test_box_is_sound(dtype):
 def test_opcheck(device):
     center, radius = make_box((3, 2, 4, 4), torch.float32, device)
     torch.library.opcheck(torch.ops.robprune_fast.relu_box_, (center, radius))
+
+
+def test_engine_entry():
+    center, radius = make_box((3, 2, 4, 4), torch.float32, "cpu")
+    check_engine_entry("relu_box_", [center, radius], [center, radius], [center, -radius - 1],
+                       "radius must be >= 0")
 
 
 @pytest.mark.parametrize("make,match,error", [

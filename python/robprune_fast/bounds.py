@@ -150,7 +150,7 @@ class _Linear(_Op):
         return self.weight if self.mask is None else self.weight * self.mask
 
     def ibp(self, c, r, relu_in=False):
-        return ops.interval_linear(c, r, self.weight, self.bias, self.mask, relu_in=relu_in)
+        return ops._interval_linear(c, r, self.weight, self.bias, self.mask, relu_in)
 
     def ibp_spec(self, c, r, C, relu_in):
         """(lower, upper) of C @ (W h + b) with C folded into W; C: (B, S, K).
@@ -229,8 +229,9 @@ class _Conv(_Op):
                              dilation=module.dilation, groups=module.groups)
 
     def ibp(self, c, r, relu_in=False):
-        return ops.interval_conv2d(c, r, self.weight, self.bias, self.mask, relu_in=relu_in,
-                                   **self.geometry)
+        g = self.geometry
+        return ops._interval_conv2d(c, r, self.weight, self.bias, self.mask, g["stride"],
+                                    g["padding"], g["dilation"], g["groups"], relu_in)
 
     def clean(self, x):
         w = self.weight if self.mask is None else self.weight * self.mask
@@ -490,14 +491,14 @@ def _ibp_walk(seq, c, r, keep_pending=False, in_place=False):
     ``keep_pending``, (c, r, pending) leaving a final pending ReLU to the caller.
 
     ``in_place``: nobody reads a ReLU's pre-activation box (no ReLU bounds wanted, no autograd)
-    and the walk owns every box it makes, so a ReLU maps the box where it lies (ops.relu_box_)
+    and the walk owns every box it makes, so a ReLU maps the box where it lies (ops._relu_box_)
     and records nothing: no prologue copies, and on the CPU none of their page faults.
     """
     pending = False
     for op in seq:
         op.in_shape = tuple(c.shape[1:])
         if isinstance(op, _ReLU) and in_place:
-            c, r = ops.relu_box_(c, r) if c.stride() == r.stride() else _relu_box(c, r)
+            c, r = ops._relu_box_(c, r) if c.stride() == r.stride() else _relu_box(c, r)
         elif isinstance(op, _ReLU):
             if pending:  # ReLU after ReLU: record the true (non-negative) input box
                 c, r = _relu_box(c, r)
@@ -726,13 +727,13 @@ def _ibp_stage(model, x, eps, C, dtype, method, in_place=False):
         _clean_walk(seq, x)
     # CROWN concretises over the input box in pixel space; IBP starts from it pushed through
     # the model's input normalisation, which ops.input_box folds into the same pass over x.
-    box = None if method == "ibp" else ops.input_box(x, eps)
+    box = None if method == "ibp" else ops._input_box(x, eps)
     scale, shift = _input_normalisation(seq, x)
     if scale is not None:
         seq[0].in_shape = seq[0].out_shape = tuple(x.shape[1:])
-        out, C = _ibp_output(seq[1:], *ops.input_box(x, eps, scale, shift), C, in_place)
+        out, C = _ibp_output(seq[1:], *ops._input_box(x, eps, scale, shift), C, in_place)
     else:
-        out, C = _ibp_output(seq, *(box if box is not None else ops.input_box(x, eps)), C,
+        out, C = _ibp_output(seq, *(box if box is not None else ops._input_box(x, eps)), C,
                              in_place)
     return seq, box, out, C
 

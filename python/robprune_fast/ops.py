@@ -7,6 +7,11 @@ op's pure-PyTorch twin in ``reference.py`` with a one-time warning that says how
 This module also registers each op's fake (meta) kernel and autograd formula, so the ops work
 under autograd and trace under torch.compile.
 
+The bound engine (bounds.py) calls the ``_``-prefixed twins of the wrappers it uses
+(``_interval_linear``, ``_interval_conv2d``, ``_relu_box_``, ``_input_box``): the same ops
+without the Python checks, which would only re-validate what the engine built itself (its
+boxes, its weights cast to its dtype). The kernels' C++ checks still run.
+
 Box convention: boxes are (centre, radius) with radius >= 0; see ``reference.py``.
 """
 from __future__ import annotations
@@ -59,6 +64,20 @@ def _use_kernel(name: str, device: torch.device) -> bool:
                       "(FORCE_CUDA=1 and CUDA_HOME set for the CUDA kernels).",
                       RuntimeWarning, stacklevel=3)
     return False
+
+
+# Below the autograd key: without grad mode torch's Python autograd layer of a custom op only
+# redispatches, at about 12 us a call on the CPU. Getattr: a private binding, stable for years,
+# but a torch without it must still work.
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def _call(op, *args):
+    """op(*args), skipping the autograd layer where there is nothing for it to record."""
+    if _BELOW_AUTOGRAD is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    with _BELOW_AUTOGRAD():
+        return op(*args)
 
 
 # --- argument checks (the C++ side repeats them for direct torch.ops calls) ---------------
@@ -138,7 +157,7 @@ def input_box(x, eps, scale=None, shift=None):
     eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if eps.numel() != 1:
         try:
-            eps = eps.expand(x.shape)
+            torch.broadcast_to(eps, x.shape)
         except RuntimeError:
             raise ValueError(f"eps must be a number or broadcast to x's shape {tuple(x.shape)}, "
                              f"got shape {tuple(eps.shape)}") from None
@@ -147,8 +166,15 @@ def input_box(x, eps, scale=None, shift=None):
             _check_tensor(t, name, x, "x")
             if t.shape != (x.shape[1],):
                 raise ValueError(f"{name} must have shape (C,) = ({x.shape[1]},), got {tuple(t.shape)}")
+    return _input_box(x, eps, scale, shift)
+
+
+def _input_box(x, eps, scale=None, shift=None):
+    """input_box without the Python checks: the engine's entry. eps: a tensor of x's dtype and
+    device, one element or broadcast to x."""
+    eps = eps.reshape(()) if eps.numel() == 1 else eps.expand(x.shape)
     if _use_kernel("input_box", x.device):
-        return _OPS.input_box(x, eps.reshape(()) if eps.numel() == 1 else eps, scale, shift)
+        return _call(_OPS.input_box, x, eps, scale, shift)
     if not bool(((x >= 0) & (x <= 1)).all() and (eps >= 0).all()):
         raise ValueError("x must lie in [0, 1] and eps must be >= 0 everywhere (no NaN)")
     return reference.input_box(x, eps, scale, shift)
@@ -174,8 +200,13 @@ def relu_box_(center, radius):
     if torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad):
         raise ValueError("relu_box_ is not differentiable and writes over its inputs; use the "
                          "interval ops' relu_in=True (or reference.relu_box) under autograd")
+    return _relu_box_(center, radius)
+
+
+def _relu_box_(center, radius):
+    """relu_box_ without the Python checks: the engine's entry (boxes it owns, no autograd)."""
     if _use_kernel("relu_box_", center.device):
-        _OPS.relu_box_(center, radius)
+        _call(_OPS.relu_box_, center, radius)
         return center, radius
     _check_radius_values(radius)
     return reference.relu_box_(center, radius)
@@ -247,9 +278,14 @@ def interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False,
     if center.dim() < 1 or center.shape[-1] != weight.shape[1]:
         raise ValueError(f"center's last dimension must equal weight.size(1) (in_features = "
                          f"{weight.shape[1]}), got shape {tuple(center.shape)}")
+    return _interval_linear(center, radius, weight, bias, mask, relu_in, out_bounds)
+
+
+def _interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False, out_bounds=False):
+    """interval_linear without the Python checks: the engine's entry."""
     if _use_kernel("interval_linear", center.device):
-        return _OPS.interval_linear(center, radius, weight, bias, mask, _cached_weight_pair(weight, mask),
-                                    bool(relu_in), bool(out_bounds))
+        return _call(_OPS.interval_linear, center, radius, weight, bias, mask,
+                     _cached_weight_pair(weight, mask), bool(relu_in), bool(out_bounds))
     _check_radius_values(radius)
     return reference.interval_linear(center, radius, weight, bias, mask, relu_in, out_bounds)
 
@@ -269,9 +305,18 @@ def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padd
     if center.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"center has {center.shape[1]} channels but weight expects in_channels = "
                          f"weight.size(1) * groups = {weight.shape[1] * groups}")
+    return _interval_conv2d(center, radius, weight, bias, mask, stride, padding, dilation, groups,
+                            relu_in, out_bounds)
+
+
+def _interval_conv2d(center, radius, weight, bias, mask, stride, padding, dilation, groups,
+                     relu_in=False, out_bounds=False):
+    """interval_conv2d without the Python checks: the engine's entry. stride, padding and
+    dilation: pairs of ints."""
     if _use_kernel("interval_conv2d", center.device):
-        return _OPS.interval_conv2d(center, radius, weight, bias, mask, _cached_weight_pair(weight, mask),
-                                    stride, padding, dilation, groups, bool(relu_in), bool(out_bounds))
+        return _call(_OPS.interval_conv2d, center, radius, weight, bias, mask,
+                     _cached_weight_pair(weight, mask), stride, padding, dilation, groups,
+                     bool(relu_in), bool(out_bounds))
     _check_radius_values(radius)
     return reference.interval_conv2d(center, radius, weight, bias, mask, stride, padding, dilation,
                                      groups, relu_in, out_bounds)
