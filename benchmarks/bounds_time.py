@@ -72,14 +72,16 @@ def on_reference(fn):
 
 @contextlib.contextmanager
 def reference_path():
-    """Swap every ``ops`` function that has a same-named twin in ``reference`` for that twin."""
+    """Swap every ``ops`` function that has a same-named twin in ``reference`` for that twin,
+    and the bound engine's unchecked entry to it (``ops._<name>``, same arguments)."""
     names = [n for n in dir(reference) if not n.startswith("_")
              and callable(getattr(reference, n)) and callable(getattr(ops, n, None))
              and getattr(reference, n).__module__ == reference.__name__]
+    names += [f"_{n}" for n in names if callable(getattr(ops, f"_{n}", None))]
     saved = {n: getattr(ops, n) for n in names}
     try:
         for n in names:
-            setattr(ops, n, getattr(reference, n))
+            setattr(ops, n, getattr(reference, n.removeprefix("_")))
         yield names
     finally:
         for n, f in saved.items():

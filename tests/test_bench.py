@@ -1,8 +1,14 @@
 """The microbenchmark runs end to end at a toy size and writes its JSON (so it cannot rot);
-its numbers are measured by `python -m robprune_fast.bench`, never asserted here."""
+its numbers are measured by `python -m robprune_fast.bench`, never asserted here. The bounds
+benchmark's reference variant really runs the twins."""
+import importlib.util
 import json
+import pathlib
 
-from robprune_fast import bench
+import pytest
+import torch
+
+from robprune_fast import bench, bounds, models, ops
 
 
 def test_bench_runs_at_toy_size(tmp_path, capsys):
@@ -15,3 +21,33 @@ def test_bench_runs_at_toy_size(tmp_path, capsys):
         "crown_relu_backward", "crown_conv2d_backward", "crown_conv2d_backward", "crown_linear_backward"]
     assert all(set(row["forward"]) == {"fused", "reference"} for row in result["crown_steps"])
     assert "whole cnn_large" in capsys.readouterr().out
+
+
+def _load_bounds_time():
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bounds_time.py"
+    spec = importlib.util.spec_from_file_location("bounds_time", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bounds_time_reference_path_runs_no_kernel(monkeypatch):
+    """The bounds benchmark's reference variant runs the twins end to end: with the compiled ops
+    unreachable the engine still works inside reference_path(), and fails outside it."""
+    bounds_time = _load_bounds_time()
+    torch.manual_seed(0)
+    model, x = models.digits_cnn().eval(), torch.rand(4, 1, 8, 8)
+    C = bounds.margin_spec(torch.tensor([0, 1, 2, 3]), 10)
+    fused = {m: bounds.compute_bounds(model, x, 0.02, m, C) for m in ("ibp", "crown-ibp")}
+
+    class Unreachable:
+        def __getattr__(self, name):
+            raise AssertionError(f"compiled op {name} called on the reference path")
+
+    monkeypatch.setattr(ops, "_OPS", Unreachable())
+    with bounds_time.reference_path(), torch.no_grad():
+        for method, want in fused.items():
+            for got, w in zip(bounds.compute_bounds(model, x, 0.02, method, C), want):
+                torch.testing.assert_close(got, w, atol=1e-4, rtol=1e-4)
+    with pytest.raises(AssertionError, match="compiled op"), torch.no_grad():
+        bounds.compute_bounds(model, x, 0.02, "ibp", C)
