@@ -51,3 +51,15 @@ def test_bounds_time_reference_path_runs_no_kernel(monkeypatch):
                 torch.testing.assert_close(got, w, atol=1e-4, rtol=1e-4)
     with pytest.raises(AssertionError, match="compiled op"), torch.no_grad():
         bounds.compute_bounds(model, x, 0.02, "ibp", C)
+
+
+def test_turn_orders_vary_each_variants_predecessor():
+    """Every repetition runs each variant once, and over the repetitions each variant follows
+    several different others (a rotation of one order would keep every predecessor fixed)."""
+    names = ["forward", "floor", "ibp", "ibp_reference", "crown-ibp", "crown-ibp_reference"]
+    orders = bench.turn_orders(names, 20)
+    assert all(sorted(order) == sorted(names) for order in orders)
+    assert orders == bench.turn_orders(names, 20)  # seeded: runs repeat
+    for name in names:
+        before = {order[order.index(name) - 1] for order in orders if order.index(name) > 0}
+        assert len(before) >= 3, (name, before)

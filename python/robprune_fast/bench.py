@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import platform
+import random
 import statistics
 import time
 
@@ -38,20 +39,26 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def turn_orders(names: list, repeats: int) -> list[list]:
+    """The order of the variants in each repetition: a fresh permutation every time (seeded, so
+    runs repeat), so that no variant always runs right after the same other one. A variant that
+    follows one with large tensors finds cold caches and a freshly trimmed heap; rotating one
+    fixed order would not help, as every variant would keep its predecessor."""
+    rng = random.Random(0)
+    return [rng.sample(names, len(names)) for _ in range(repeats)]
+
+
 def timeit(fns: dict, device, repeats: int, warmup: int = 2) -> dict:
     """Median wall time in seconds of each of fns' callables. The variants take turns within
     every repetition, so a drift in the machine's speed (these shared machines swing by 1.5x)
-    hits them alike and their ratios stay meaningful; the turn order rotates from one
-    repetition to the next, so no variant always runs right after the same other one (a
-    variant that follows one with large tensors finds cold caches and freshly trimmed heap)."""
+    hits them alike and their ratios stay meaningful; the turn order changes from one
+    repetition to the next (turn_orders)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    names = list(fns)
     times = {name: [] for name in fns}
-    for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
+    for order in turn_orders(list(fns), repeats):
+        for name in order:
             fn = fns[name]
             _sync(device)
             start = time.perf_counter()
