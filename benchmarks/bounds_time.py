@@ -70,10 +70,15 @@ def on_reference(fn):
     return run
 
 
+def _without_check_radius(twin):
+    return lambda *args, check_radius=True, **kwargs: twin(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def reference_path():
     """Swap every ``ops`` function that has a same-named twin in ``reference`` for that twin,
-    and the bound engine's unchecked entry to it (``ops._<name>``, same arguments)."""
+    and the bound engine's unchecked entry to it (``ops._<name>``, same arguments but for
+    check_radius, which the twins, checking nothing, do not take)."""
     names = [n for n in dir(reference) if not n.startswith("_")
              and callable(getattr(reference, n)) and callable(getattr(ops, n, None))
              and getattr(reference, n).__module__ == reference.__name__]
@@ -81,7 +86,8 @@ def reference_path():
     saved = {n: getattr(ops, n) for n in names}
     try:
         for n in names:
-            setattr(ops, n, getattr(reference, n.removeprefix("_")))
+            twin = getattr(reference, n.removeprefix("_"))
+            setattr(ops, n, _without_check_radius(twin) if n.startswith("_") else twin)
         yield names
     finally:
         for n, f in saved.items():

@@ -25,7 +25,7 @@ TORCH_LIBRARY(robprune_fast, m) {
   m.def("relu_box_(Tensor(a!) center, Tensor(b!) radius) -> ()");
   m.def(
       "interval_linear(Tensor center, Tensor radius, Tensor weight, Tensor? bias, Tensor? mask, "
-      "Tensor? weight_pair, bool relu_in, bool out_bounds) -> (Tensor, Tensor)");
+      "Tensor? weight_pair, bool relu_in, bool out_bounds, bool check_radius=True) -> (Tensor, Tensor)");
   m.def(
       "interval_linear_backward(Tensor grad_a, Tensor grad_b, Tensor center, Tensor radius, "
       "Tensor weight, Tensor? mask, Tensor? weight_pair, bool relu_in, bool out_bounds, "
@@ -33,7 +33,7 @@ TORCH_LIBRARY(robprune_fast, m) {
   m.def(
       "interval_conv2d(Tensor center, Tensor radius, Tensor weight, Tensor? bias, Tensor? mask, "
       "Tensor? weight_pair, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "bool relu_in, bool out_bounds) -> (Tensor, Tensor)");
+      "bool relu_in, bool out_bounds, bool check_radius=True) -> (Tensor, Tensor)");
   m.def(
       "interval_conv2d_backward(Tensor grad_a, Tensor grad_b, Tensor center, Tensor radius, "
       "Tensor weight, Tensor? mask, Tensor? weight_pair, int[2] stride, int[2] padding, "

@@ -1,6 +1,6 @@
 """Shared checks for the interval ops' tests: kernel against reference twin (values and
 gradients), soundness against sampled points of the input box, and the bound engine's
-unchecked entry points against the wrappers."""
+unchecked entry points against the wrappers (and its check_radius=False)."""
 import pytest
 import torch
 
@@ -94,3 +94,17 @@ def check_engine_entry(name, args, private_args, bad_private_args, match):
                     assert torch.equal(a.grad, b.grad)
     with pytest.raises(RuntimeError, match=match), torch.no_grad():
         private(*bad_private_args)
+
+
+def check_radius_flag(op, args, bad_args):
+    """op(*args, check_radius=False), for a caller that made the radius itself: the same
+    outputs as with the check, and no pass that refuses a negative radius; the default checks.
+    opcheck with the argument given (the fake kernel and autograd count it, or its absence)."""
+    graded = [t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in args]
+    torch.library.opcheck(op, tuple(graded), {"check_radius": False})
+    want = op(*args)
+    got = op(*args, check_radius=False)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(RuntimeError, match="radius must be >= 0"):
+        op(*bad_args)
+    op(*bad_args, check_radius=False)

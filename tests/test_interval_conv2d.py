@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interval_helpers import DEVICES, assert_sound, check_engine_entry, compare_with_reference, make_box
+from interval_helpers import (DEVICES, assert_sound, check_engine_entry, check_radius_flag,
+                              compare_with_reference, make_box)
 from robprune_fast import ops, reference
 
 OPTIONS = [dict(relu_in=r, out_bounds=o) for r in (False, True) for o in (False, True)]
@@ -147,6 +148,16 @@ def test_engine_entry(options):
     private = tensors + [[2, 2], [1, 1], [1, 1], 2] + flags
     bad = private[:5] + [[0, 2]] + private[6:]
     check_engine_entry("interval_conv2d", args, private, bad, "stride must be two positive ints")
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("relu_in", [False, True])
+def test_check_radius_flag(device, relu_in):
+    t = conv_inputs(2, 4, 6, 7, 3, 2, torch.float32, device, mask="random")
+    tensors = [t[k] for k in ("center", "radius", "weight", "bias", "mask")]
+    bad = [t["center"], -t["radius"] - 1, *tensors[2:]]
+    rest = [None, [2, 2], [1, 1], [1, 1], 2, relu_in, False]
+    check_radius_flag(torch.ops.robprune_fast.interval_conv2d, tensors + rest, bad + rest)
 
 
 @pytest.mark.parametrize("relu_in", [False, True])

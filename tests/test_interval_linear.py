@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interval_helpers import DEVICES, assert_sound, check_engine_entry, compare_with_reference, make_box
+from interval_helpers import (DEVICES, assert_sound, check_engine_entry, check_radius_flag,
+                              compare_with_reference, make_box)
 from robprune_fast import ops
 
 OPTIONS = [dict(relu_in=r, out_bounds=o) for r in (False, True) for o in (False, True)]
@@ -165,6 +166,16 @@ def test_engine_entry(options):
     args = [t[k] for k in ("center", "radius", "weight", "bias", "mask")] + list(options.values())
     bad = [t["center"], -t["radius"] - 1, *args[2:]]
     check_engine_entry("interval_linear", args, args, bad, "radius must be >= 0")
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("relu_in", [False, True])
+def test_check_radius_flag(device, relu_in):
+    t = linear_inputs((3,), 5, 4, torch.float32, device, mask="random")
+    tensors = [t[k] for k in ("center", "radius", "weight", "bias", "mask")]
+    bad = [t["center"], -t["radius"] - 1, *tensors[2:]]
+    flags = [None, relu_in, True]  # no weight pair; relu_in; out_bounds
+    check_radius_flag(torch.ops.robprune_fast.interval_linear, tensors + flags, bad + flags)
 
 
 def test_box_from_bounds():

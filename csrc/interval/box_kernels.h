@@ -17,11 +17,12 @@ namespace robprune {
 
 template <class Backend>
 struct BoxKernels {
-  // Checks radius >= 0 everywhere (throws otherwise). With relu, returns the box mapped
-  // through ReLU, written over c and r when in_place (each element is read before it is
-  // written); without relu, returns (c, r) themselves.
+  // With check, checks radius >= 0 everywhere (throws otherwise), in the same pass as the
+  // ReLU. With relu, returns the box mapped through ReLU, written over c and r when in_place
+  // (each element is read before it is written); without relu, returns (c, r) themselves,
+  // and without check as well, touches nothing.
   static std::tuple<at::Tensor, at::Tensor> prologue(const at::Tensor& c, const at::Tensor& r,
-                                                     bool relu, bool in_place = false);
+                                                     bool relu, bool in_place, bool check);
   static std::tuple<at::Tensor, at::Tensor> prologue_backward(const at::Tensor& g_c_out,
                                                               const at::Tensor& g_r_out,
                                                               const at::Tensor& c,

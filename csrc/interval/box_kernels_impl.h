@@ -17,20 +17,24 @@ namespace robprune {
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> BoxKernels<Backend>::prologue(const at::Tensor& c,
                                                                  const at::Tensor& r, bool relu,
-                                                                 bool in_place) {
+                                                                 bool in_place, bool check) {
+  if (!relu && !check) return {c, r};
   at::Tensor c_out = relu && !in_place ? at::empty_like(c) : c;
   at::Tensor r_out = relu && !in_place ? at::empty_like(r) : r;
   bool bad = false;
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "robprune_box_prologue", [&] {
     const scalar_t* cp = c.const_data_ptr<scalar_t>();
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
-    if (relu) {
-      box::Prologue<scalar_t, true> f{cp, rp, c_out.data_ptr<scalar_t>(), r_out.data_ptr<scalar_t>()};
-      bad = Backend::for_each_any(c.numel(), f, c);
-    } else {
-      box::Prologue<scalar_t, false> f{cp, rp, nullptr, nullptr};
-      bad = Backend::for_each_any(c.numel(), f, c);
-    }
+    // Without check, for_each ignores the functor's verdict: no reduction, and on the GPU no
+    // device-to-host sync.
+    auto run = [&](const auto& f) {
+      if (check) bad = Backend::for_each_any(c.numel(), f, c);
+      else Backend::for_each(c.numel(), f);
+    };
+    if (relu)
+      run(box::Prologue<scalar_t, true>{cp, rp, c_out.data_ptr<scalar_t>(), r_out.data_ptr<scalar_t>()});
+    else
+      run(box::Prologue<scalar_t, false>{cp, rp, nullptr, nullptr});
   });
   TORCH_CHECK(!bad, "radius must be >= 0 everywhere (no negative or NaN entries); "
               "build a box from bounds with robprune_fast.ops.box_from_bounds(lower, upper)");

@@ -39,17 +39,18 @@ bool need_w_any(std::array<bool, 5> need, const c10::optional<at::Tensor>& mask)
   return need[2] || (need[4] && mask);
 }
 
-// The layer algorithm: prologue (radius check, optional ReLU) -> two products -> optional
-// conversion to bounds. `center` and `radius` must already be laid out alike.
+// The layer algorithm: prologue (radius check unless the caller vouches for the radius,
+// optional ReLU) -> two products -> optional conversion to bounds. `center` and `radius` must
+// already be laid out alike.
 template <class Contraction>
 std::tuple<at::Tensor, at::Tensor> affine_forward(
     const Contraction& k, const at::Tensor& center, const at::Tensor& radius,
     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight_pair,
-    bool relu_in, bool out_bounds) {
+    bool relu_in, bool out_bounds, bool check_radius) {
   return with_backend(center, [&](auto tag) {
     using K = BoxKernels<typename decltype(tag)::type>;
-    auto [c, r] = K::prologue(center, radius, relu_in);
+    auto [c, r] = K::prologue(center, radius, relu_in, /*in_place=*/false, check_radius);
     const at::Tensor pair =
         weight_pair ? *weight_pair : K::weight_pair(weight_like(weight, weight), weight_like(mask, weight));
     at::Tensor a = k.forward(c, pair[0], bias);
@@ -78,8 +79,9 @@ Grads5 affine_backward(const Contraction& k, const at::Tensor& grad_a, const at:
 
     // The products' backward reads the ReLU'd box only for the weight gradient (the input
     // gradient needs its shape alone), and the forward already validated the radius.
-    auto [c, r] = relu_in && need_w_any(need, mask) ? K::prologue(center, radius, true)
-                                                    : std::make_tuple(center, radius);
+    auto [c, r] = relu_in && need_w_any(need, mask)
+                      ? K::prologue(center, radius, /*relu=*/true, /*in_place=*/false, /*check=*/false)
+                      : std::make_tuple(center, radius);
     const at::Tensor w = weight_like(weight, weight);
     const c10::optional<at::Tensor> m = weight_like(mask, weight);
     const at::Tensor pair = weight_pair ? *weight_pair : K::weight_pair(w, m);
@@ -132,7 +134,8 @@ void relu_box_(const at::Tensor& center, const at::Tensor& radius) {
               center.strides(), " and ", radius.strides());
   at::assert_no_overlap(center, radius);  // each is written from both
   with_backend(center, [&](auto tag) {
-    BoxKernels<typename decltype(tag)::type>::prologue(center, radius, /*relu=*/true, /*in_place=*/true);
+    BoxKernels<typename decltype(tag)::type>::prologue(center, radius, /*relu=*/true, /*in_place=*/true,
+                                                       /*check=*/true);
   });
 }
 
@@ -163,7 +166,8 @@ std::tuple<at::Tensor, at::Tensor> input_box(const at::Tensor& x, const at::Tens
 std::tuple<at::Tensor, at::Tensor> interval_linear(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
-    const c10::optional<at::Tensor>& weight_pair, bool relu_in, bool out_bounds) {
+    const c10::optional<at::Tensor>& weight_pair, bool relu_in, bool out_bounds,
+    bool check_radius) {
   check_interval_args(center, radius, weight, bias, mask, weight_pair, 2);
   TORCH_CHECK(center.dim() >= 1 && center.size(-1) == weight.size(1), "center's last dimension ",
               "must equal weight.size(1) (in_features = ", weight.size(1), "), got shape ",
@@ -171,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> interval_linear(
   std::vector<int64_t> out_shape(center.sizes().begin(), center.sizes().end() - 1);
   out_shape.push_back(weight.size(0));
   auto [c, r] = dense_alike(center.reshape({-1, weight.size(1)}), radius.reshape({-1, weight.size(1)}));
-  auto [a, b] = affine_forward(LinearContraction{}, c, r, weight, bias, mask, weight_pair, relu_in, out_bounds);
+  auto [a, b] = affine_forward(LinearContraction{}, c, r, weight, bias, mask, weight_pair, relu_in,
+                               out_bounds, check_radius);
   return {a.view(out_shape), b.view(out_shape)};
 }
 
@@ -198,12 +203,12 @@ std::tuple<at::Tensor, at::Tensor> interval_conv2d(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& weight_pair, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool relu_in, bool out_bounds) {
+    at::IntArrayRef dilation, int64_t groups, bool relu_in, bool out_bounds, bool check_radius) {
   check_interval_args(center, radius, weight, bias, mask, weight_pair, 4);
   check_conv_input(center, weight, stride, padding, dilation, groups);
   auto [c, r] = dense_alike(center, radius);
   return affine_forward(Conv2dContraction{stride, padding, dilation, groups}, c, r, weight, bias,
-                        mask, weight_pair, relu_in, out_bounds);
+                        mask, weight_pair, relu_in, out_bounds, check_radius);
 }
 
 Grads5 interval_conv2d_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,

@@ -4,7 +4,9 @@
 // through ReLU first (relu_in), through x -> (weight * mask) x + bias. Returns the output box as
 // (center, radius), or as (lower, upper) when out_bounds. weight_pair, when given, must be
 // masked_weight_pair(weight, mask): ops.py caches it per weight version so |W * M| is made once
-// per weight update; it is a cache, not differentiated.
+// per weight update; it is a cache, not differentiated. check_radius=false skips the check
+// that radius >= 0, for a caller that made the radius itself (the bound engine); the ReLU of
+// relu_in then runs without it too.
 //
 // The *_backward ops return (grad center, grad radius, grad weight, grad bias, grad mask); an
 // entry whose output_mask flag is false comes back as an empty tensor.
@@ -41,7 +43,7 @@ void relu_box_(const at::Tensor& center, const at::Tensor& radius);
 std::tuple<at::Tensor, at::Tensor> interval_linear(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
-    const c10::optional<at::Tensor>& weight_pair, bool relu_in, bool out_bounds);
+    const c10::optional<at::Tensor>& weight_pair, bool relu_in, bool out_bounds, bool check_radius);
 
 Grads5 interval_linear_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,
                                 const at::Tensor& center, const at::Tensor& radius,
@@ -53,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> interval_conv2d(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& weight_pair, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool relu_in, bool out_bounds);
+    at::IntArrayRef dilation, int64_t groups, bool relu_in, bool out_bounds, bool check_radius);
 
 Grads5 interval_conv2d_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,
                                 const at::Tensor& center, const at::Tensor& radius,

@@ -33,6 +33,11 @@ with autocast off and TF32 off, whatever the caller uses.  Rounding can still mo
 ulps of the values summed, so a point counts as verified only when every margin lower bound exceeds
 ``DEFAULT_TOL[dtype]`` (1e-4 in float32, 1e-9 in float64; ``tol`` overrides).
 
+Checks.  x, eps and C are checked once on entry.  The boxes the engine builds from them have
+radius >= 0 by construction, so the interval operators skip re-checking it (``check_radius=False``)
+except where a ReLU maps a box in place (``ops.relu_box_`` checks in the same pass).  Weights with
+NaN or inf give NaN bounds, and a NaN margin bound never certifies a point.
+
 Memory.  CROWN's bound matrices have one row per (input, specification row) and one column per neuron
 of the layer reached.  ``max_memory`` (bytes) caps the working set of one backward sweep: inputs and
 specification rows are processed in chunks sized to fit.  With autograd recording (training),
@@ -150,7 +155,8 @@ class _Linear(_Op):
         return self.weight if self.mask is None else self.weight * self.mask
 
     def ibp(self, c, r, relu_in=False):
-        return ops._interval_linear(c, r, self.weight, self.bias, self.mask, relu_in)
+        return ops._interval_linear(c, r, self.weight, self.bias, self.mask, relu_in,
+                                    check_radius=False)
 
     def ibp_spec(self, c, r, C, relu_in):
         """(lower, upper) of C @ (W h + b) with C folded into W; C: (B, S, K).
@@ -231,7 +237,8 @@ class _Conv(_Op):
     def ibp(self, c, r, relu_in=False):
         g = self.geometry
         return ops._interval_conv2d(c, r, self.weight, self.bias, self.mask, g["stride"],
-                                    g["padding"], g["dilation"], g["groups"], relu_in)
+                                    g["padding"], g["dilation"], g["groups"], relu_in,
+                                    check_radius=False)
 
     def clean(self, x):
         w = self.weight if self.mask is None else self.weight * self.mask

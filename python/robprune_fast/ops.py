@@ -281,12 +281,16 @@ def interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False,
     return _interval_linear(center, radius, weight, bias, mask, relu_in, out_bounds)
 
 
-def _interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False, out_bounds=False):
-    """interval_linear without the Python checks: the engine's entry."""
+def _interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False, out_bounds=False,
+                     check_radius=True):
+    """interval_linear without the Python checks: the engine's entry. check_radius=False:
+    the caller made the radius itself and vouches that it is >= 0 (the kernel skips that pass)."""
     if _use_kernel("interval_linear", center.device):
         return _call(_OPS.interval_linear, center, radius, weight, bias, mask,
-                     _cached_weight_pair(weight, mask), bool(relu_in), bool(out_bounds))
-    _check_radius_values(radius)
+                     _cached_weight_pair(weight, mask), bool(relu_in), bool(out_bounds),
+                     bool(check_radius))
+    if check_radius:
+        _check_radius_values(radius)
     return reference.interval_linear(center, radius, weight, bias, mask, relu_in, out_bounds)
 
 
@@ -310,14 +314,15 @@ def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padd
 
 
 def _interval_conv2d(center, radius, weight, bias, mask, stride, padding, dilation, groups,
-                     relu_in=False, out_bounds=False):
+                     relu_in=False, out_bounds=False, check_radius=True):
     """interval_conv2d without the Python checks: the engine's entry. stride, padding and
-    dilation: pairs of ints."""
+    dilation: pairs of ints. check_radius as in _interval_linear."""
     if _use_kernel("interval_conv2d", center.device):
         return _call(_OPS.interval_conv2d, center, radius, weight, bias, mask,
                      _cached_weight_pair(weight, mask), stride, padding, dilation, groups,
-                     bool(relu_in), bool(out_bounds))
-    _check_radius_values(radius)
+                     bool(relu_in), bool(out_bounds), bool(check_radius))
+    if check_radius:
+        _check_radius_values(radius)
     return reference.interval_conv2d(center, radius, weight, bias, mask, stride, padding, dilation,
                                      groups, relu_in, out_bounds)
 
@@ -415,20 +420,22 @@ def crown_conv2d_backward(A, weight, bias, mask, input_size, stride=1, padding=0
 
 # --- fake kernels and autograd ---------------------------------------------------------------
 
-def _register_interval_op(name: str, layer_output) -> None:
+def _register_interval_op(name: str, layer_output, n_geometry: int) -> None:
     """Fake kernel and autograd formula of interval_<name>.
 
     Both ops take (center, radius, weight, bias, mask, weight_pair, *geometry, relu_in,
-    out_bounds); their backward ops take (grad_a, grad_b, center, radius, weight, mask,
-    weight_pair, *geometry, relu_in, out_bounds, output_mask). layer_output(center, weight,
-    geometry) gives an empty tensor shaped and laid out like the layer's output.
+    out_bounds, check_radius); their backward ops take (grad_a, grad_b, center, radius, weight,
+    mask, weight_pair, *geometry, relu_in, out_bounds, output_mask), with n_geometry geometry
+    arguments. layer_output(center, weight, geometry) gives an empty tensor shaped and laid out
+    like the layer's output. A call may leave out check_radius (its default), so the arguments
+    after the geometry are counted from the front, never from the end.
     """
     op = f"robprune_fast::interval_{name}"
     backward_op = getattr(_OPS, f"interval_{name}_backward")
 
     @torch.library.register_fake(op)
     def _fake(center, radius, weight, bias, mask, weight_pair, *rest):
-        out = layer_output(center, weight, rest[:-2])
+        out = layer_output(center, weight, rest[:n_geometry])
         return out, torch.empty_like(out)
 
     @torch.library.register_fake(f"{op}_backward")
@@ -440,14 +447,16 @@ def _register_interval_op(name: str, layer_output) -> None:
     def setup_context(ctx, inputs, output):
         center, radius, weight, bias, mask, weight_pair, *rest = inputs
         ctx.save_for_backward(center, radius, weight, mask, weight_pair)
-        ctx.rest = rest  # geometry, relu_in, out_bounds
+        ctx.rest = rest[:n_geometry + 2]  # geometry, relu_in, out_bounds: what backward_op takes
+        ctx.n_rest = len(rest)
 
     def backward(ctx, grad_a, grad_b):
         center, radius, weight, mask, weight_pair = ctx.saved_tensors
         n = ctx.needs_input_grad
         need = [n[0], n[1], n[2], n[3], mask is not None and n[4]]
         grads = backward_op(grad_a, grad_b, center, radius, weight, mask, weight_pair, *ctx.rest, need)
-        return (*[g if wanted else None for g, wanted in zip(grads, need)], None) + (None,) * len(ctx.rest)
+        # None for weight_pair, the geometry and the flags.
+        return (*[g if wanted else None for g, wanted in zip(grads, need)], None) + (None,) * ctx.n_rest
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
@@ -571,8 +580,8 @@ def _crown_conv2d_output(A, weight, geometry):
 
 
 if _C is not None:
-    _register_interval_op("linear", _linear_output)
-    _register_interval_op("conv2d", _conv2d_output)
+    _register_interval_op("linear", _linear_output, n_geometry=0)
+    _register_interval_op("conv2d", _conv2d_output, n_geometry=4)
     _register_crown_relu_op()
     _register_input_box_op()
     _register_relu_box_op()
