@@ -681,14 +681,14 @@ def _check_method(method):
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _check_input(x, eps, dtype):
-    """x as dtype in [0, 1], eps as a non-negative tensor broadcastable to x."""
+def _check_input(x, eps, dtype, values=True):
+    """x as dtype, eps as a non-negative tensor broadcastable to x. values: check that x lies
+    in [0, 1] here; callers that pass x through _input_box leave it to that (one pass less)."""
     if not torch.is_tensor(x) or not torch.is_floating_point(x) or x.dim() < 2:
         raise ValueError("x must be a floating-point tensor of shape (B, ...), got "
                          f"{type(x).__name__} {getattr(x, 'shape', '')}")
-    low, high = torch.aminmax(x) if x.numel() else (None, None)
-    if x.numel() and not (low >= 0 and high <= 1):  # written so NaN fails too
-        raise ValueError(f"x must lie in [0, 1], got values in [{low.item():g}, {high.item():g}]")
+    if values:
+        _check_values(x)
     eps = torch.as_tensor(eps, device=x.device).to(dtype)
     if eps.numel() and not (eps.min() >= 0):
         raise ValueError(f"eps must be >= 0, got {eps.min().item():g}")
@@ -700,6 +700,22 @@ def _check_input(x, eps, dtype):
         raise ValueError(f"eps must be a number or broadcast to x's shape {tuple(x.shape)}, got "
                          f"shape {tuple(eps.shape)}")
     return x.to(dtype), eps
+
+
+def _check_values(x):
+    low, high = torch.aminmax(x) if x.numel() else (None, None)
+    if x.numel() and not (low >= 0 and high <= 1):  # written so NaN fails too
+        raise ValueError(f"x must lie in [0, 1], got values in [{low.item():g}, {high.item():g}]")
+
+
+def _input_box(x, eps, scale=None, shift=None):
+    """ops._input_box, whose kernel checks x's values in the pass it makes anyway; its error
+    becomes _check_values's, which names the values found."""
+    try:
+        return ops._input_box(x, eps, scale, shift)
+    except (RuntimeError, ValueError):
+        _check_values(x)
+        raise
 
 
 def _compute_dtype(x, dtype):
@@ -734,13 +750,13 @@ def _ibp_stage(model, x, eps, C, dtype, method, in_place=False):
         _clean_walk(seq, x)
     # CROWN concretises over the input box in pixel space; IBP starts from it pushed through
     # the model's input normalisation, which ops.input_box folds into the same pass over x.
-    box = None if method == "ibp" else ops._input_box(x, eps)
+    box = None if method == "ibp" else _input_box(x, eps)
     scale, shift = _input_normalisation(seq, x)
     if scale is not None:
         seq[0].in_shape = seq[0].out_shape = tuple(x.shape[1:])
-        out, C = _ibp_output(seq[1:], *ops._input_box(x, eps, scale, shift), C, in_place)
+        out, C = _ibp_output(seq[1:], *_input_box(x, eps, scale, shift), C, in_place)
     else:
-        out, C = _ibp_output(seq, *(box if box is not None else ops._input_box(x, eps)), C,
+        out, C = _ibp_output(seq, *(box if box is not None else _input_box(x, eps)), C,
                              in_place)
     return seq, box, out, C
 
@@ -803,7 +819,7 @@ def _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype, r
     if not (isinstance(max_memory, int) and max_memory > 0):
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
     dtype = _compute_dtype(x, dtype)
-    x, eps = _check_input(x, eps, dtype)
+    x, eps = _check_input(x, eps, dtype, values=False)  # _ibp_stage's _input_box checks them
     C = _check_spec(C, x, dtype)
     in_place = method == "ibp" and not relu_bounds and not torch.is_grad_enabled()
     with exact_float(), ops.weight_cache():
@@ -881,7 +897,7 @@ def training_bounds(model: nn.Module, x: torch.Tensor, eps, C: torch.Tensor, cro
     if crown_spec is not None and not (crown_lower or crown_upper):
         raise ValueError("crown_spec needs crown_lower or crown_upper")
     dtype = _compute_dtype(x, dtype)
-    x, eps = _check_input(x, eps, dtype)
+    x, eps = _check_input(x, eps, dtype, values=False)  # _ibp_stage's _input_box checks them
     C = _check_spec(C, x, dtype)
     crown_lo = crown_up = None
     with exact_float(), ops.weight_cache():
