@@ -11,7 +11,7 @@ import torch
 
 from . import attacks, bounds
 from .data import Split
-from .objectives import eval_mode
+from .modes import eval_mode
 
 
 def _batches(split: Split, n: int | None, batch_size: int, device: torch.device):

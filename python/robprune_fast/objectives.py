@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import contextmanager
 from collections.abc import Mapping
 from typing import Callable
 
@@ -23,6 +22,9 @@ import torch.nn.functional as F
 from . import attacks, bounds
 from . import loss_fusion as fusion
 from .models import Normalize
+# Attacks are crafted in eval mode: adversarial batches must not move BatchNorm's running
+# statistics, and the attack should see the network that is later evaluated.
+from .modes import eval_mode
 
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, float],
                      tuple[torch.Tensor, torch.Tensor]]
@@ -44,26 +46,18 @@ def known() -> list[str]:
 
 
 def build(name: str, **hyper) -> Objective:
+    """The objective ``name`` with its hyper-parameters.  It carries ``spec`` = {"name": name,
+    **hyper}, which says what it optimises: a run resumed with another spec is refused."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown objective {name!r}; known objectives: {', '.join(known())}")
-    return _FACTORIES[name](**hyper)
+    objective = _FACTORIES[name](**hyper)
+    objective.spec = {"name": name, **hyper}
+    return objective
 
 
 def ramp(progress: float, warmup: float) -> float:
     """Linear ramp from 0 to 1 over the first ``warmup`` fraction of training, then 1."""
     return 1.0 if warmup <= 0 else min(1.0, progress / warmup)
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Craft attacks in eval mode: adversarial batches must not move BatchNorm's running stats,
-    and the attack should see the same network that is later evaluated."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _check_attack(eps: float, steps: int, step_size: float | None, warmup: float) -> None:
