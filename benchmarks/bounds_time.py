@@ -63,35 +63,11 @@ def timed(fns: dict, repeats, device) -> dict:
 
 
 def on_reference(fn):
-    """fn, run with the ops swapped for their reference twins for the duration of each call."""
+    """fn, run with every op on its pure-PyTorch twin for the duration of each call."""
     def run():
-        with reference_path():
+        with ops.reference_only():
             return fn()
     return run
-
-
-def _without_check_radius(twin):
-    return lambda *args, check_radius=True, **kwargs: twin(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def reference_path():
-    """Swap every ``ops`` function that has a same-named twin in ``reference`` for that twin,
-    and the bound engine's unchecked entry to it (``ops._<name>``, same arguments but for
-    check_radius, which the twins, checking nothing, do not take)."""
-    names = [n for n in dir(reference) if not n.startswith("_")
-             and callable(getattr(reference, n)) and callable(getattr(ops, n, None))
-             and getattr(reference, n).__module__ == reference.__name__]
-    names += [f"_{n}" for n in names if callable(getattr(ops, f"_{n}", None))]
-    saved = {n: getattr(ops, n) for n in names}
-    try:
-        for n in names:
-            twin = getattr(reference, n.removeprefix("_"))
-            setattr(ops, n, _without_check_radius(twin) if n.startswith("_") else twin)
-        yield names
-    finally:
-        for n, f in saved.items():
-            setattr(ops, n, f)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,8 +197,6 @@ def main(argv=None) -> dict:
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "models": {}}
-    with reference_path() as names:
-        results["reference_swapped"] = names
     for name in args.models:
         shape = models.INPUT_SHAPES[name]
         g = torch.Generator().manual_seed(0)

@@ -22,7 +22,7 @@
 TORCH_LIBRARY(robprune_fast, m) {
   m.def("masked_weight_pair(Tensor weight, Tensor? mask) -> Tensor");
   m.def("input_box(Tensor x, Tensor eps, Tensor? scale, Tensor? shift) -> (Tensor, Tensor)");
-  m.def("relu_box_(Tensor(a!) center, Tensor(b!) radius) -> ()");
+  m.def("relu_box_(Tensor(a!) center, Tensor(b!) radius, bool check_radius=True) -> ()");
   m.def(
       "interval_linear(Tensor center, Tensor radius, Tensor weight, Tensor? bias, Tensor? mask, "
       "Tensor? weight_pair, bool relu_in, bool out_bounds, bool check_radius=True) -> (Tensor, Tensor)");

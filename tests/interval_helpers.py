@@ -66,11 +66,11 @@ def assert_sound(layer, center, radius, weight, bias, mask, options, samples=64)
 
 
 def check_engine_entry(name, args, private_args, bad_private_args, match):
-    """ops._<name>(*private_args), the bound engine's entry without the Python checks, gives
+    """ops.unchecked.<name>(*private_args), the bound engine's entry without the Python checks, gives
     ops.<name>(*args)'s outputs bit for bit, with grad mode off (below the autograd layer) and
     on (gradients too, for differentiable ops), and the kernel's own checks still refuse bad
     input through it."""
-    public, private = getattr(ops, name), getattr(ops, f"_{name}")
+    public, private = getattr(ops, name), getattr(ops.unchecked, name)
     differentiable = not name.endswith("_")  # a trailing _ marks an in-place op
 
     def run(fn, inputs, grad):

@@ -1,14 +1,14 @@
 """The microbenchmark runs end to end at a toy size and writes its JSON (so it cannot rot);
 its numbers are measured by `python -m robprune_fast.bench`, never asserted here. The bounds
 benchmark's reference variant really runs the twins."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
 
 from robprune_fast import bench, bounds, models, ops
+from robprune_fast.ops import box as ops_box, crown as ops_crown, interval as ops_interval
+from robprune_fast.ops import weight_pair as ops_weight_pair
 
 
 def test_bench_runs_at_toy_size(tmp_path, capsys):
@@ -23,18 +23,9 @@ def test_bench_runs_at_toy_size(tmp_path, capsys):
     assert "whole cnn_large" in capsys.readouterr().out
 
 
-def _load_bounds_time():
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bounds_time.py"
-    spec = importlib.util.spec_from_file_location("bounds_time", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bounds_time_reference_path_runs_no_kernel(monkeypatch):
-    """The bounds benchmark's reference variant runs the twins end to end: with the compiled ops
-    unreachable the engine still works inside reference_path(), and fails outside it."""
-    bounds_time = _load_bounds_time()
+def test_reference_only_runs_no_kernel(monkeypatch):
+    """The benchmarks' reference variants run the twins end to end: with the compiled ops
+    unreachable the engine still works inside ops.reference_only(), and fails outside it."""
     torch.manual_seed(0)
     model, x = models.digits_cnn().eval(), torch.rand(4, 1, 8, 8)
     C = bounds.margin_spec(torch.tensor([0, 1, 2, 3]), 10)
@@ -44,8 +35,9 @@ def test_bounds_time_reference_path_runs_no_kernel(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"compiled op {name} called on the reference path")
 
-    monkeypatch.setattr(ops, "_OPS", Unreachable())
-    with bounds_time.reference_path(), torch.no_grad():
+    for family in (ops_box, ops_interval, ops_crown, ops_weight_pair):
+        monkeypatch.setattr(family, "OPS", Unreachable())
+    with ops.reference_only(), torch.no_grad():
         for method, want in fused.items():
             for got, w in zip(bounds.compute_bounds(model, x, 0.02, method, C), want):
                 torch.testing.assert_close(got, w, atol=1e-4, rtol=1e-4)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from robprune_fast import bound_steps, bounds, models, ops, reference
+from robprune_fast import bounds, models, ops, reference
+from robprune_fast.bounds import crown_steps as bound_steps
 
 METHODS = bounds.METHODS
 TOL64 = 1e-9
@@ -201,7 +202,7 @@ def test_folded_specification_shared_and_per_input_agree():
     x = _inputs((1, 6, 6), n=24)
     y = torch.tensor([0, 3, 1] * 8)  # 3 distinct margin specifications for 24 inputs
     C = bounds.margin_spec(y, 5, dtype=torch.float64)
-    assert 3 * bounds._DISTINCT_SPEC_FRACTION <= 24
+    assert 3 * bounds.ibp.DISTINCT_SPEC_FRACTION <= 24
     lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
     for i in range(24):
         lo, up = bounds.compute_bounds(model, x[i:i + 1], 0.05, "ibp", C[i:i + 1])
@@ -217,7 +218,7 @@ def test_colliding_specifications_are_not_grouped():
     C = torch.zeros(8, 1, 5, dtype=torch.float64)
     C[::2, 0, 0] = 2.0   # key 2 * 1
     C[1::2, 0, 4] = 1.0  # key 1 * 2: the same key, another specification
-    assert bounds._distinct_specs(C) == (None, None)
+    assert bounds.ibp.distinct_specs(C) == (None, None)
     lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
     for i in range(8):
         lo, up = bounds.compute_bounds(model, x[i:i + 1], 0.05, "ibp", C[i:i + 1])
@@ -230,7 +231,7 @@ def test_colliding_specifications_are_not_grouped():
                          ids=["mlp", "cnn", "maxpool", "resnet"])
 @pytest.mark.parametrize("with_spec", [False, True], ids=["logits", "margins"])
 def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monkeypatch):
-    """compute_bounds' IBP without autograd ReLUs its own boxes in place (ops._relu_box_):
+    """compute_bounds' IBP without autograd ReLUs its own boxes in place (ops.unchecked.relu_box_):
     the same bounds, bit for bit, as the path that keeps every pre-activation box
     (bound_details), and neither x nor the model changes. With autograd it stays functional."""
     model = build()
@@ -240,8 +241,8 @@ def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monke
     C = bounds.margin_spec(torch.tensor([0, 2, 1, 0]), classes, torch.float64) if with_spec else None
     x_before, params_before = x.clone(), [p.clone() for p in model.state_dict().values()]
     calls = []
-    real = ops._relu_box_
-    monkeypatch.setattr(ops, "_relu_box_", lambda c, r: calls.append(1) or real(c, r))
+    real = ops.unchecked.relu_box_
+    monkeypatch.setattr(ops.unchecked, "relu_box_", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
         assert calls, "the in-place path was not taken"
@@ -375,10 +376,10 @@ def test_memory_cap_chunks_give_the_same_bounds():
 
 
 def test_chunk_sizes_respect_the_cap():
-    assert bounds._chunk_sizes(4, 9, 100, 4, 1 << 30) == (4, 9)
-    b, s = bounds._chunk_sizes(128, 8192, 32768, 4, 1 << 30)
-    assert b == 1 and s * 32768 * 4 * bounds._LIVE_COPIES <= 1 << 30
-    assert bounds._chunk_sizes(2, 3, 10**9, 4, 1) == (1, 1)
+    assert bounds.crown.chunk_sizes(4, 9, 100, 4, 1 << 30) == (4, 9)
+    b, s = bounds.crown.chunk_sizes(128, 8192, 32768, 4, 1 << 30)
+    assert b == 1 and s * 32768 * 4 * bounds.crown.LIVE_COPIES <= 1 << 30
+    assert bounds.crown.chunk_sizes(2, 3, 10**9, 4, 1) == (1, 1)
 
 
 def test_train_mode_batch_norm_uses_clean_batch_statistics():

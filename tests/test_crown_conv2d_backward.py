@@ -103,6 +103,9 @@ def good_args():
     (dict(mask=torch.ones(6, 4, 3, 1)), "mask must have the shape of weight"),
     (dict(input_size=(0, 8)), "input_size must be two positive ints"),
     (dict(groups=0), "groups must be a positive int"),
+    (dict(stride=(2, 0)), "stride must be two positive ints"),
+    (dict(stride=1.0), "stride must be an int or a pair of ints"),
+    (dict(padding=True), "padding must be an int or a pair of ints"),
 ])
 def test_bad_input_python(change, match):
     args = good_args()
@@ -115,10 +118,17 @@ def test_bad_input_python(change, match):
     (dict(input_size=(12, 8)), "A's spatial size .* must be the layer's output size"),
     (dict(input_size=(1, 1), padding=0), "input_size's spatial size .* is smaller than the dilated kernel"),
     (dict(groups=4), r"weight.size\(0\) \(out_channels = 6\) must be divisible by groups = 4"),
-    (dict(stride=(2, 0)), "stride must be two positive ints"),
 ])
 def test_bad_input_cpp(change, match):
     args = good_args()
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
         ops.crown_conv2d_backward(**args)
+
+
+def test_bad_stride_cpp():
+    """Direct torch.ops calls skip the wrapper's checks; TORCH_CHECK refuses the stride."""
+    a = good_args()
+    with pytest.raises(RuntimeError, match="stride must be two positive ints"):
+        torch.ops.robprune_fast.crown_conv2d_backward(a["A"], a["weight"], a["bias"], a["mask"], None,
+                                                      [8, 8], [2, 0], [1, 1], [1, 1], 1)

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from interval_helpers import (DEVICES, assert_sound, check_engine_entry, check_radius_flag,
                               compare_with_reference, make_box)
-from robprune_fast import ops
+from robprune_fast import ops, reference
+from robprune_fast.ops import _dispatch, weight_pair
 
 OPTIONS = [dict(relu_in=r, out_bounds=o) for r in (False, True) for o in (False, True)]
 
@@ -87,18 +88,18 @@ def test_weight_cache_follows_updates():
     with ops.weight_cache():
         mask = torch.ones_like(weight)
         ops.interval_linear(inputs["center"], inputs["radius"], weight, None, mask)
-        first = ops._pair_cache[weight][2]
+        first = weight_pair._pair_cache[weight][2]
         ops.interval_linear(inputs["center"], inputs["radius"], weight, None, mask)
-        assert ops._pair_cache[weight][2] is first
+        assert weight_pair._pair_cache[weight][2] is first
         _check_cache_follows_updates(inputs, weight, opt)
-    assert len(ops._pair_cache) == 0
+    assert len(weight_pair._pair_cache) == 0
 
 
 def _check_cache_follows_updates(inputs, weight, opt):
     for step in range(3):
         mask = (torch.rand_like(weight) > 0.3).float()
         got = ops.interval_linear(inputs["center"], inputs["radius"], weight, inputs["bias"], mask)
-        want = ops.reference.interval_linear(inputs["center"], inputs["radius"], weight, inputs["bias"], mask)
+        want = reference.interval_linear(inputs["center"], inputs["radius"], weight, inputs["bias"], mask)
         torch.testing.assert_close(got, want)
         got[1].sum().backward()
         opt.step()
@@ -106,13 +107,13 @@ def _check_cache_follows_updates(inputs, weight, opt):
 
 
 def test_reference_fallback_warns_once(monkeypatch, recwarn):
-    monkeypatch.setattr(ops, "_has_kernel", lambda name, device: False)
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(_dispatch, "has_kernel_for", lambda name, device_type: False)
+    monkeypatch.setattr(_dispatch, "_warned", set())
     inputs = linear_inputs((3,), 4, 2, torch.float32, "cpu")
     for _ in range(3):
         got = ops.interval_linear(**inputs)
     assert len([w for w in recwarn if "reference" in str(w.message)]) == 1
-    torch.testing.assert_close(got, ops.reference.interval_linear(**inputs))
+    torch.testing.assert_close(got, reference.interval_linear(**inputs))
     with pytest.raises(ValueError, match="radius must be >= 0"):
         ops.interval_linear(inputs["center"], -inputs["radius"] - 1, inputs["weight"])
 

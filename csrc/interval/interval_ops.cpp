@@ -124,7 +124,7 @@ at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::
   });
 }
 
-void relu_box_(const at::Tensor& center, const at::Tensor& radius) {
+void relu_box_(const at::Tensor& center, const at::Tensor& radius, bool check_radius) {
   check_float(center, "center");
   check_like(radius, "radius", center, "center");
   check_same_shape(radius, "radius", center, "center");
@@ -134,8 +134,10 @@ void relu_box_(const at::Tensor& center, const at::Tensor& radius) {
               center.strides(), " and ", radius.strides());
   at::assert_no_overlap(center, radius);  // each is written from both
   with_backend(center, [&](auto tag) {
-    BoxKernels<typename decltype(tag)::type>::prologue(center, radius, /*relu=*/true, /*in_place=*/true,
-                                                       /*check=*/true);
+    using K = BoxKernels<typename decltype(tag)::type>;
+    // In place, a refusal must come before the first write: the check is a pass of its own.
+    if (check_radius) K::prologue(center, radius, /*relu=*/false, /*in_place=*/true, /*check=*/true);
+    K::prologue(center, radius, /*relu=*/true, /*in_place=*/true, /*check=*/false);
   });
 }
 

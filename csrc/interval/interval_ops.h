@@ -35,10 +35,10 @@ std::tuple<at::Tensor, at::Tensor> input_box(const at::Tensor& x, const at::Tens
 
 // relu_box_: the box (center, radius) mapped through ReLU, written over its own storage: the
 // relu_in prologue for a box nobody else reads, without its two fresh copies. center and radius
-// must be dense and laid out alike. The radius is checked in the same pass: a negative or NaN
-// entry throws and leaves the contents unspecified. Not differentiable (ops.py refuses inputs
-// that require grad).
-void relu_box_(const at::Tensor& center, const at::Tensor& radius);
+// must be dense and laid out alike. With check_radius, a negative or NaN radius is refused
+// before anything is written (a pass of its own); without, the caller vouches for it. Not
+// differentiable (ops refuses inputs that require grad).
+void relu_box_(const at::Tensor& center, const at::Tensor& radius, bool check_radius);
 
 std::tuple<at::Tensor, at::Tensor> interval_linear(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,

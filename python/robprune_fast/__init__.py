@@ -17,7 +17,7 @@ def build_info() -> dict:
     info = {"extension_loaded": ops._C is not None, "torch_runtime": torch.__version__,
             "cuda_available": torch.cuda.is_available()}
     if ops._C is None:
-        info.update(cuda=False, cuda_archs=[], torch_version=None, import_error=str(ops._IMPORT_ERROR))
+        info.update(cuda=False, cuda_archs=[], torch_version=None, import_error=str(ops.IMPORT_ERROR))
         return info
     built = dict(ops._C.build_info())
     built["cuda_archs"] = _parse_arch_token(built["cuda_archs"])

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import build_info, ops, reference
-from .bound_steps import neurons_last
+from .bounds.crown_steps import neurons_last
 from .models import Normalize, build
 
 

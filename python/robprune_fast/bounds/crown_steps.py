@@ -2,7 +2,7 @@
 
 The steps through linear and conv layers and through ReLUs are fused operators (``ops.crown_*``,
 with their pure-PyTorch twins in ``reference``); the element-wise and pooling steps are plain
-torch.  They know nothing of models: ``bounds`` walks a network and calls them.
+torch.  They know nothing of models: ``bounds.crown`` walks a network and calls them.
 
 Linear bounds.  CROWN bounds a linear function of the network's output, ``A_out @ f(x)``, by walking
 the layers backwards.  At every point of the walk the bound reads, per batch element b and
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from .. import ops
 
 
 def _sum_neurons(t: torch.Tensor) -> torch.Tensor:
