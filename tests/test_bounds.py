@@ -251,7 +251,7 @@ def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monke
     assert torch.equal(x, x_before)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), params_before))
     calls.clear()
-    bounds.compute_bounds(model, x, 0.05, "ibp", C)  # grad mode on: functional
+    bounds.compute_bounds(model, x, 0.05, "ibp", C, differentiable=True)  # autograd: functional
     assert not calls
 
 
@@ -303,7 +303,7 @@ def _train(model, x, y, steps, eps=0.0, kappa=1.0):
         if eps > 0:
             e = eps * min(1.0, 2 * step / steps)
             C = bounds.margin_spec(y, 10)
-            lower, _ = bounds.compute_bounds(model, x, e, "ibp", C, upper=False)
+            lower = bounds.training_bounds(model, x, e, C).ibp_lower
             # The worst-case logits: 0 for the label, -margin lower bound for the others.
             loss = loss + (1 - kappa) * F.cross_entropy(
                 torch.cat([torch.zeros_like(lower[:, :1]), -lower], 1), torch.zeros_like(y))
@@ -400,20 +400,23 @@ def test_train_mode_batch_norm_uses_clean_batch_statistics():
     # And the residual network, IBP in train mode, is sound for the frozen-statistics network.
     res = _resnet().train()
     xr = _inputs((1, 8, 8), n=4)
-    lo, up = bounds.compute_bounds(res, xr, 0.02, "ibp")
+    lo, up = bounds.compute_bounds(res, xr, 0.02, "ibp", differentiable=True)
     assert lo.requires_grad
     assert torch.isfinite(lo).all() and (lo <= up).all()
 
 
-def test_bounds_are_differentiable():
+def test_bounds_are_differentiable_only_when_asked():
     model = models.digits_cnn()
     x = torch.rand(3, 1, 8, 8)
+    C = bounds.margin_spec(torch.tensor([1, 2, 3]), 10)
     for method in METHODS:
-        lower, _ = bounds.compute_bounds(model, x, 0.02, method,
-                                         bounds.margin_spec(torch.tensor([1, 2, 3]), 10), upper=False)
+        lower, _ = bounds.compute_bounds(model, x, 0.02, method, C, upper=False,
+                                         differentiable=True)
         model.zero_grad()
         lower.sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        # Grad mode on and parameters that require grad: still nothing recorded by default.
+        assert not bounds.compute_bounds(model, x, 0.02, method, C, upper=False)[0].requires_grad
 
 
 def test_exact_float_restores_precision_flags():

@@ -29,9 +29,13 @@ S rows of ``C @ logits``.  When the last layer is Linear, C is folded into it: I
 ``(C W) h + C b`` directly, which is tighter than multiplying the logit box by C.
 
 Floating point.  Bounds are computed in float32 (float64 when ``x`` is float64 or ``dtype`` says so)
-with autocast off and TF32 off, whatever the caller uses.  Rounding can still move a bound by a few
-ulps of the values summed, so a point counts as verified only when every margin lower bound exceeds
-``DEFAULT_TOL[dtype]`` (1e-4 in float32, 1e-9 in float64; ``tol`` overrides).
+with autocast off and TF32 off, whatever the caller uses.  ``compute_bounds`` and
+``bound_details`` widen every bound by a worst-case rounding budget (``rounding``), so that it
+holds for the exact network and for the model's own floating-point forward: a certificate is
+sound in floating point, not only in exact arithmetic (``sound=False`` gives the
+exact-arithmetic bounds).  ``training_bounds`` computes exact-arithmetic bounds: a training
+loss, never a certificate.  Non-finite intermediates give NaN or infinite bounds, which never
+certify.
 
 Checks.  x, eps and C are checked once on entry.  The boxes the engine builds from them have
 radius >= 0 by construction, so the interval operators skip re-checking it (``check_radius=False``).
@@ -39,10 +43,13 @@ Weights with NaN or inf give NaN bounds, and a NaN margin bound never certifies 
 
 Memory.  CROWN's bound matrices have one row per (input, specification row) and one column per neuron
 of the layer reached.  ``max_memory`` (bytes) caps the working set of one backward sweep: inputs and
-specification rows are processed in chunks sized to fit.  With autograd recording (training),
-tensors saved for the backward pass are not part of the cap.
+specification rows are processed in chunks sized to fit.  ``compute_bounds`` records nothing for
+autograd unless asked (``differentiable=True``), and then refuses a CROWN call whose saved
+tensors would exceed the cap; ``training_bounds`` always records (saved tensors are the
+training's own), and the cap there bounds the working set only.
 
-The package, by job: ``floats`` (the floating-point context), ``layers`` (the ops the engine
+The package, by job: ``floats`` (the floating-point context), ``rounding`` (the budget
+that makes bounds sound in floating point), ``layers`` (the ops the engine
 knows) and ``compile`` (from modules to ops, and what is accepted), ``ibp`` and ``crown`` (the
 two walks; ``crown_steps`` holds CROWN's backward steps), ``api`` (the entry points and their
 shared validation) and ``verify`` (verified accuracy).  It uses the interval operators of
@@ -51,8 +58,8 @@ shared validation) and ``verify`` (verified accuracy).  It uses the interval ope
 from .api import (DEFAULT_MAX_MEMORY, METHODS, Bounds, TrainingBounds, bound_details,
                   compute_bounds, margin_spec, training_bounds)
 from .floats import exact_float
-from .verify import DEFAULT_TOL, Verification, verified_accuracy
+from .verify import Verification, verified_accuracy
 
-__all__ = ["METHODS", "DEFAULT_MAX_MEMORY", "DEFAULT_TOL", "Bounds", "TrainingBounds",
+__all__ = ["METHODS", "DEFAULT_MAX_MEMORY", "Bounds", "TrainingBounds",
            "Verification", "compute_bounds", "bound_details", "training_bounds", "margin_spec",
            "verified_accuracy", "exact_float"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from . import crown, ibp
+from . import crown, ibp, rounding
 from .compile import compile_model
 from .floats import exact_float
 from .layers import Scale, clean_walk, needs_clean, relu_ops
@@ -21,10 +21,12 @@ DEFAULT_MAX_MEMORY = 1 << 30
 
 @dataclasses.dataclass
 class Bounds:
-    """Output bounds and the pre-activation bounds of every ReLU layer that were used."""
+    """Output bounds, the pre-activation bounds of every ReLU layer that were used, and the
+    rounding slack of the outputs (see ``bound_details``)."""
     lower: torch.Tensor
     upper: torch.Tensor | None
     relu_bounds: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    output_slack: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -135,12 +137,15 @@ def _input_normalisation(seq, x):
     return scale.contiguous(), shift.contiguous()
 
 
-def ibp_stage(model, x, eps, C, dtype, method, in_place=False):
+def ibp_stage(model, x, eps, C, dtype, method, in_place=False, sound=False):
     """Compile the model and run IBP over the input box: every ReLU records its pre-activation
     bounds (none with in_place, see ibp.walk; only IBP may pass it: CROWN reads the records and
     its input box).  Returns (ops, input box, (lower, upper) of the output or of C @ output,
-    C as (B, S, K)).  Must run inside ``exact_float``."""
+    C as (B, S, K), the rounding budget or None).  sound: carry a rounding.Budget, so that
+    every bound holds in floating point.  Must run inside ``exact_float``."""
     seq = compile_model(model, dtype)
+    if not seq:
+        raise ValueError("model has no layers to bound (an empty nn.Sequential?)")
     if method != "ibp":
         for op in seq:
             if not op.supports_crown:
@@ -148,17 +153,27 @@ def ibp_stage(model, x, eps, C, dtype, method, in_place=False):
                                           f"; use method='ibp'")
     if needs_clean(seq):
         clean_walk(seq, x)
+    budget = rounding.Budget(x, eps, _forward_dtype(model, dtype)) if sound else None
     # CROWN concretises over the input box in pixel space; IBP starts from it pushed through
     # the model's input normalisation, which ops.input_box folds into the same pass over x.
     box = None if method == "ibp" else input_box(x, eps)
     scale, shift = _input_normalisation(seq, x)
     if scale is not None:
-        seq[0].in_shape = seq[0].out_shape = tuple(x.shape[1:])
-        out, C = ibp.output_bounds(seq[1:], *input_box(x, eps, scale, shift), C, in_place)
+        first = seq[0]
+        first.in_shape = first.out_shape = tuple(x.shape[1:])
+        if budget is not None:
+            pixels = (x + eps).clamp(max=1).amax(0, keepdim=True)
+            budget.T = first.rounding(budget.T, pixels, budget)
+        out, C = ibp.output_bounds(seq[1:], *input_box(x, eps, scale, shift), C, in_place, budget)
     else:
         out, C = ibp.output_bounds(seq, *(box if box is not None else input_box(x, eps)), C,
-                                   in_place)
-    return seq, box, out, C
+                                   in_place, budget)
+    return seq, box, out, C, budget
+
+
+def _forward_dtype(model, dtype):
+    """The dtype of the model's own forward: that of its floating-point parameters."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), dtype)
 
 
 class ReluBounds(Mapping):
@@ -189,7 +204,8 @@ class ReluBounds(Mapping):
 def compute_bounds(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-ibp",
                    C: torch.Tensor | None = None, *, upper: bool = True,
                    intersect_ibp: bool = False, max_memory: int = DEFAULT_MAX_MEMORY,
-                   dtype: torch.dtype | None = None):
+                   dtype: torch.dtype | None = None, sound: bool = True,
+                   differentiable: bool = False):
     """Sound (lower, upper) bounds of ``model(x')`` (or ``C @ model(x')``) for every x' with
     ``|x' - x|_inf <= eps`` and ``0 <= x' <= 1``.
 
@@ -199,50 +215,100 @@ def compute_bounds(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-
     have shape (B, S), else the output's shape.  upper=False skips the upper bound (returned as
     None), which halves CROWN's work.  intersect_ibp: see the package docstring; it also
     intersects the final bounds with IBP's.  max_memory: cap in bytes on CROWN's working set.
-    dtype: float32 (default, float64 for float64 inputs) or float64.  Differentiable with respect
-    to the model's parameters (for IBP / CROWN-IBP training).
+    dtype: float32 (default, float64 for float64 inputs) or float64.
+    sound: widen every bound by its rounding budget (``bounds.rounding``), so that it holds for
+    the exact network and for the model's own floating-point forward; False gives the
+    exact-arithmetic bounds (as auto_LiRPA computes them), which are no certificate.
+    differentiable: record for autograd (gradients with respect to the model's parameters);
+    otherwise nothing is recorded, whatever the grad mode, and max_memory caps everything. With
+    autograd, the tensors CROWN saves for the backward pass count too, and a call that would
+    need more than max_memory is refused before it starts. Training uses ``training_bounds``.
     """
     b = _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype,
-                relu_bounds=False)
+                relu_bounds=False, sound=sound, differentiable=differentiable)
     return b.lower, b.upper
 
 
 def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-ibp",
                   C: torch.Tensor | None = None, *, upper: bool = True,
                   intersect_ibp: bool = False, max_memory: int = DEFAULT_MAX_MEMORY,
-                  dtype: torch.dtype | None = None) -> Bounds:
-    """Like ``compute_bounds``, also returning the ReLU pre-activation bounds that were used.
+                  dtype: torch.dtype | None = None, sound: bool = True,
+                  differentiable: bool = False) -> Bounds:
+    """Like ``compute_bounds``, also returning the ReLU pre-activation bounds that were used and
+    the rounding budget of the outputs.
 
     ``relu_bounds`` maps each ReLU layer's name (its module path; a module used twice gets a
-    ``:2`` suffix) to (lower, upper) of shape (B, *neuron_shape).
+    ``:2`` suffix) to (lower, upper) of shape (B, *neuron_shape), widened by their rounding
+    slack when sound.  ``output_slack`` (sound only) is KAPPA * T at the model's output,
+    (1, *output_shape): how far rounding can move each output of the computation or of the
+    model's own forward; None otherwise.
     """
     return _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype,
-                   relu_bounds=True)
+                   relu_bounds=True, sound=sound, differentiable=differentiable)
 
 
-def _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype, relu_bounds):
+def _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype, relu_bounds,
+            sound, differentiable):
     """bound_details; without relu_bounds, Bounds.relu_bounds is empty, and IBP without
     autograd then maps its boxes through the ReLUs in place (see ibp.walk)."""
     check_method(method)
     x, eps, C, dtype = validated(x, eps, C, dtype, max_memory)
-    in_place = method == "ibp" and not relu_bounds and not torch.is_grad_enabled()
-    # The weights cannot change during one call: W * M and |W * M| are made once per layer.
-    with exact_float(), ops.weight_cache():
-        seq, box, (lower, upper_bound), C = ibp_stage(model, x, eps, C, dtype, method, in_place)
-        if method != "ibp":
-            if method == "crown":
-                crown.intermediate(seq, box, intersect_ibp, max_memory)
-            out_shape = seq[-1].out_shape
-            spec = C if C is not None else torch.arange(math.prod(out_shape), device=x.device)
-            ibp_lower, ibp_upper = lower, upper_bound
-            lower, upper_bound = crown.bounds(seq, spec, box, True, upper, max_memory)
-            if C is None:
-                lower = lower.view(-1, *out_shape)
-                upper_bound = None if upper_bound is None else upper_bound.view(-1, *out_shape)
-            if intersect_ibp:
-                lower = torch.maximum(lower, ibp_lower)
-                upper_bound = None if upper_bound is None else torch.minimum(upper_bound, ibp_upper)
-    return Bounds(lower, upper_bound if upper else None, ReluBounds(seq) if relu_bounds else {})
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        in_place = method == "ibp" and not relu_bounds and not torch.is_grad_enabled()
+        # The weights cannot change during one call: W * M and |W * M| are made once per layer.
+        with exact_float(), ops.weight_cache():
+            seq, box, (lower, upper_bound), C, budget = ibp_stage(model, x, eps, C, dtype, method,
+                                                                  in_place, sound)
+            if method != "ibp":
+                if torch.is_grad_enabled():
+                    _check_autograd_memory(seq, x, C, method, max_memory)
+                lower, upper_bound = _crown_output(seq, box, C, lower, upper_bound, upper,
+                                                   intersect_ibp, max_memory, method, budget)
+    slack = None if budget is None else budget.slack()
+    return Bounds(lower, upper_bound if upper else None,
+                  ReluBounds(seq) if relu_bounds else {}, slack)
+
+
+def _crown_output(seq, box, C, ibp_lower, ibp_upper, upper, intersect_ibp, max_memory, method,
+                  budget):
+    """CROWN-IBP's or CROWN's bounds of the output (or of C @ output), widened by the
+    budget's slack, intersected with IBP's when asked."""
+    if method == "crown":
+        crown.intermediate(seq, box, intersect_ibp, max_memory)
+    out_shape = seq[-1].out_shape
+    spec = C if C is not None else torch.arange(math.prod(out_shape), device=box[0].device)
+    lower, upper_bound = crown.bounds(seq, spec, box, True, upper, max_memory,
+                                      float64_input=budget is not None)
+    if budget is not None:
+        slack = budget.slack(C) if C is not None else budget.slack().flatten(1)
+        lower = lower - slack
+        upper_bound = None if upper_bound is None else upper_bound + slack
+    if C is None:
+        lower = lower.view(-1, *out_shape)
+        upper_bound = None if upper_bound is None else upper_bound.view(-1, *out_shape)
+    if intersect_ibp:
+        lower = torch.maximum(lower, ibp_lower)
+        upper_bound = None if upper_bound is None else torch.minimum(upper_bound, ibp_upper)
+    return lower, upper_bound
+
+
+def _check_autograd_memory(seq, x, C, method, max_memory):
+    """Refuse a differentiable CROWN sweep whose saved tensors would exceed max_memory.
+
+    The estimate: every backward step keeps about two (rows x neurons) tensors of the layer it
+    crosses for each specification row it sweeps, and CROWN also sweeps one row per neuron of
+    every earlier ReLU to bound it."""
+    sizes = [math.prod(op.out_shape) for op in seq]
+    specs = C.shape[1] if C is not None else sizes[-1]
+    rows = x.shape[0] * specs
+    if method == "crown":
+        rows += x.shape[0] * sum(math.prod(op.out_shape) for op in relu_ops(seq))
+    need = 2 * rows * sum(sizes) * x.element_size()
+    if need > max_memory:
+        raise ValueError(f"differentiable {method} bounds of this batch would keep about "
+                         f"{need / 2**30:.2f} GiB for the backward pass, above max_memory="
+                         f"{max_memory / 2**30:.2f} GiB: use a smaller batch, raise max_memory, "
+                         "or pass differentiable=False")
 
 
 def training_bounds(model: nn.Module, x: torch.Tensor, eps, C: torch.Tensor, crown_spec=None, *,
@@ -267,7 +333,7 @@ def training_bounds(model: nn.Module, x: torch.Tensor, eps, C: torch.Tensor, cro
     crown_lo = crown_up = None
     with exact_float(), ops.weight_cache():
         method = "ibp" if crown_spec is None else "crown-ibp"
-        seq, box, (ibp_lower, ibp_upper), C = ibp_stage(model, x, eps, C, dtype, method)
+        seq, box, (ibp_lower, ibp_upper), C, _ = ibp_stage(model, x, eps, C, dtype, method)
         if crown_spec is not None:
             spec = crown_spec(ibp_lower, ibp_upper) if callable(crown_spec) else crown_spec
             spec = ibp.expand_spec(_check_spec(spec, x, dtype), x.shape[0], seq[-1].out_shape[0])

@@ -53,12 +53,13 @@ def _one_hot_rows(neurons, shape, like):
     return A.view(1, neurons.numel(), *shape)
 
 
-def bounds(seq, spec, box, lower, upper, max_memory):
+def bounds(seq, spec, box, lower, upper, max_memory, float64_input=False):
     """CROWN bounds of spec @ (output of seq) over the input box (c0, r0).
 
     spec is either a tensor (B, S, *out_shape) of specification rows or a 1-d tensor of flat output
     neuron indices (identity rows, shared by the batch).  Returns (lower, upper), each (B, S) or
-    None for a side not asked for.
+    None for a side not asked for.  float64_input: concretise over the input box in float64
+    (see crown_steps.concretize).
     """
     c0, r0 = box
     num_inputs = c0.shape[0]
@@ -78,16 +79,17 @@ def bounds(seq, spec, box, lower, upper, max_memory):
                 A = spec[batch, s0:s0 + per_spec]
             Al, bl, Au, bu = sweep(seq, A if lower else None, A if upper else None, batch)
             if lower:
-                lo_parts.append(steps.concretize(Al, bl, c0[batch], r0[batch], upper=False))
+                lo_parts.append(steps.concretize(Al, bl, c0[batch], r0[batch], False, float64_input))
             if upper:
-                up_parts.append(steps.concretize(Au, bu, c0[batch], r0[batch], upper=True))
+                up_parts.append(steps.concretize(Au, bu, c0[batch], r0[batch], True, float64_input))
         lows.append(torch.cat(lo_parts, 1) if lower else None)
         ups.append(torch.cat(up_parts, 1) if upper else None)
     return (torch.cat(lows) if lower else None), (torch.cat(ups) if upper else None)
 
 
 def _relu_bounds(prefix, relu, box, intersect_ibp, max_memory):
-    """Replace the IBP pre-activation bounds of ``relu`` (fed by ``prefix``) with CROWN's."""
+    """Replace the IBP pre-activation bounds of ``relu`` (fed by ``prefix``) with CROWN's,
+    widened by the ReLU's rounding slack when it has one."""
     ibp_lower, ibp_upper = relu.lower.flatten(1), relu.upper.flatten(1)
     if intersect_ibp:
         # Neurons IBP proves stable keep IBP's bounds: their relaxation is exact either way.
@@ -96,7 +98,11 @@ def _relu_bounds(prefix, relu, box, intersect_ibp, max_memory):
             return
     else:
         neurons = torch.arange(ibp_lower.shape[1], device=ibp_lower.device)
-    lower, upper = bounds(prefix, neurons, box, True, True, max_memory)
+    sound = relu.slack is not None
+    lower, upper = bounds(prefix, neurons, box, True, True, max_memory, float64_input=sound)
+    if sound:
+        slack = relu.slack.flatten(1)[:, neurons]
+        lower, upper = lower - slack, upper + slack
     if intersect_ibp:
         lower = ibp_lower.index_copy(1, neurons, torch.maximum(lower, ibp_lower[:, neurons]))
         upper = ibp_upper.index_copy(1, neurons, torch.minimum(upper, ibp_upper[:, neurons]))

@@ -124,15 +124,22 @@ def backward_relu(A_lower: torch.Tensor | None, A_upper: torch.Tensor | None,
     return new_lower, bias_lower, new_upper, bias_upper
 
 
-def concretize(A: torch.Tensor, bias, center: torch.Tensor, radius: torch.Tensor, upper: bool):
+def concretize(A: torch.Tensor, bias, center: torch.Tensor, radius: torch.Tensor, upper: bool,
+               float64: bool = False):
     """Bound ``A @ x + bias`` over the input box |x - center| <= radius.
 
     A: (B or 1, S, *input_shape); center, radius: (B, *input_shape); bias: (B or 1, S) or 0.
     Returns the lower bound A c - |A| r + bias, or with ``upper`` the upper bound A c + |A| r + bias,
-    of shape (B, S).  Exact for a linear function over a box.
+    of shape (B, S), in A's dtype.  Exact for a linear function over a box.  ``float64``: sum
+    in float64, whose rounding over the thousands of input pixels is negligible (the sound
+    bounds of ``bounds.rounding`` need it).
     """
+    dtype = A.dtype
+    if float64:
+        A, center, radius = A.double(), center.double(), radius.double()
+        bias = bias.double() if torch.is_tensor(bias) else bias
     flat = A.flatten(2)
     mid = flat @ center.flatten(1).unsqueeze(-1)
     spread = flat.abs() @ radius.flatten(1).unsqueeze(-1)
     out = (mid + spread if upper else mid - spread).squeeze(-1)
-    return out + bias
+    return (out + bias).to(dtype)

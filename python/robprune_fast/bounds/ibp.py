@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops, reference
+from . import rounding
 from .layers import Linear, ReLU, Residual
 
 # spec_bounds shares folded weights between inputs when there are at most 1/this as many
@@ -14,7 +15,7 @@ from .layers import Linear, ReLU, Residual
 DISTINCT_SPEC_FRACTION = 4
 
 
-def walk(seq, c, r, keep_pending=False, in_place=False):
+def walk(seq, c, r, keep_pending=False, in_place=False, budget=None):
     """Push the box (c, r) through seq.  A ReLU is held back ("pending") until the next op, so that
     a linear/conv layer can apply it in its relu_in prologue.  Returns (c, r) or, with
     ``keep_pending``, (c, r, pending) leaving a final pending ReLU to the caller.
@@ -23,10 +24,16 @@ def walk(seq, c, r, keep_pending=False, in_place=False):
     and the walk owns every box it makes, so a ReLU maps the box where it lies
     (ops.unchecked.relu_box_) and records nothing: no prologue copies, and on the CPU none of
     their page faults.
+
+    ``budget``: a rounding.Budget carried along (every op moves it; every ReLU takes its slack).
     """
     pending = False
     for op in seq:
         op.in_shape = tuple(c.shape[1:])
+        if budget is not None:
+            h = budget.magnitude(c, r)
+            if isinstance(op, ReLU):
+                op.slack = budget.slack()
         if isinstance(op, ReLU) and in_place:
             c, r = (ops.unchecked.relu_box_(c, r, check_radius=False) if c.stride() == r.stride()
                     else reference.relu_box(c, r))
@@ -42,39 +49,64 @@ def walk(seq, c, r, keep_pending=False, in_place=False):
             if pending and not op.commutes_with_relu:
                 c, r = reference.relu_box(c, r)
                 pending = False
-            c, r = _residual(op, c, r) if isinstance(op, Residual) else op.ibp(c, r)
+            c, r = _residual(op, c, r, budget) if isinstance(op, Residual) else op.ibp(c, r)
         op.out_shape = tuple(c.shape[1:])
+        if budget is not None and not isinstance(op, Residual):
+            budget.T = op.rounding(budget.T, h, budget)
+            budget.relu_magnitude = h if isinstance(op, ReLU) else None
     if keep_pending:
         return c, r, pending
     return reference.relu_box(c, r) if pending else (c, r)
 
 
-def _residual(block: Residual, c, r):
-    """The two branches' boxes added (the interval of a sum lies in the sum of the intervals)."""
-    oc, orad = walk(block.pre, c, r)
-    mc, mr = walk(block.main, oc, orad)
-    sc, sr = (c, r) if block.shortcut is None else walk(block.shortcut, oc, orad)
-    return mc + sc, mr + sr
+def _residual(block: Residual, c, r, budget):
+    """The two branches' boxes added (the interval of a sum lies in the sum of the intervals);
+    the budget of the sum is the branches' budgets added, plus the addition's own rounding."""
+    t_in = None if budget is None else budget.T
+    oc, orad = walk(block.pre, c, r, budget=budget)
+    t_pre = None if budget is None else (budget.T, budget.relu_magnitude)
+    mc, mr = walk(block.main, oc, orad, budget=budget)
+    t_main = None if budget is None else budget.T
+    if block.shortcut is None:
+        sc, sr, t_skip = c, r, t_in
+    else:
+        if budget is not None:
+            budget.T, budget.relu_magnitude = t_pre
+        sc, sr = walk(block.shortcut, oc, orad, budget=budget)
+        t_skip = None if budget is None else budget.T
+    out_c, out_r = mc + sc, mr + sr
+    if budget is not None:
+        budget.T = t_main + t_skip + budget.gamma(2) * rounding.magnitude(out_c, out_r)
+        budget.relu_magnitude = None
+    return out_c, out_r
 
 
-def output_bounds(seq, c, r, C, in_place=False):
+def output_bounds(seq, c, r, C, in_place=False, budget=None):
     """IBP ((lower, upper), C) of the output, or of C @ output with C folded into a final Linear;
-    C comes back checked and expanded to (B, S, K). in_place: as in walk."""
+    C comes back checked and expanded to (B, S, K). in_place and budget: as in walk; with a
+    budget the bounds are widened by its slack, so they hold in floating point."""
     if C is not None and seq and isinstance(seq[-1], Linear):
-        c, r, pending = walk(seq[:-1], c, r, keep_pending=True, in_place=in_place)
+        c, r, pending = walk(seq[:-1], c, r, keep_pending=True, in_place=in_place, budget=budget)
         last = seq[-1]
         last.in_shape = tuple(c.shape[1:])
         C = expand_spec(C, c.shape[0], last.weight.shape[0])
         last.out_shape = (last.weight.shape[0],)
-        return spec_bounds(last, c, r, C, relu_in=pending), C
-    c, r = walk(seq, c, r, in_place=in_place)
-    if C is not None:
-        if c.dim() != 2:
-            raise ValueError(f"C needs a model with flat outputs (B, K), got outputs of shape "
-                             f"{tuple(c.shape)}")
-        C = expand_spec(C, c.shape[0], c.shape[1])
-        c, r = (C @ c.unsqueeze(-1)).squeeze(-1), (C.abs() @ r.unsqueeze(-1)).squeeze(-1)
-    return (c - r, c + r), C
+        if budget is not None:
+            budget.T = last.rounding(budget.T, budget.magnitude(c, r), budget)
+        lower, upper = spec_bounds(last, c, r, C, relu_in=pending)
+    else:
+        c, r = walk(seq, c, r, in_place=in_place, budget=budget)
+        if C is not None:
+            if c.dim() != 2:
+                raise ValueError(f"C needs a model with flat outputs (B, K), got outputs of shape "
+                                 f"{tuple(c.shape)}")
+            C = expand_spec(C, c.shape[0], c.shape[1])
+            c, r = (C @ c.unsqueeze(-1)).squeeze(-1), (C.abs() @ r.unsqueeze(-1)).squeeze(-1)
+        lower, upper = c - r, c + r
+    if budget is not None:
+        slack = budget.slack(C)
+        lower, upper = lower - slack, upper + slack
+    return (lower, upper), C
 
 
 def spec_bounds(last: Linear, c, r, C, relu_in):

@@ -7,6 +7,8 @@ modules into ops; ``ibp.py`` and ``crown.py`` walk them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,10 @@ class Op:
     def backward(self, A):
         raise NotImplementedError
 
+    def rounding(self, T, h, budget):
+        """The rounding budget at the output from T at the input, h >= |input| (see rounding)."""
+        raise NotImplementedError
+
 
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
@@ -48,9 +54,22 @@ class Affine(Op):
     def __init__(self, name, weight, bias, mask, dtype):
         super().__init__(name)
         self.weight, self.bias, self.mask = weight.to(dtype), _cast(bias, dtype), _cast(mask, dtype)
+        self._abs_weight = None
 
     def effective_weight(self):
         return reference.effective_weight(self.weight, self.mask)
+
+    def abs_weight(self):
+        if self._abs_weight is None:
+            self._abs_weight = self.effective_weight().detach().abs()
+        return self._abs_weight
+
+    def _bias_rounding(self, budget):
+        """gamma of the sums over all output neurons (CROWN's bias terms) times |b|, or 0."""
+        if self.bias is None:
+            return 0
+        view = (-1,) + (1,) * (len(self.out_shape) - 1)
+        return budget.gamma(math.prod(self.out_shape) + 2) * self.bias.detach().abs().view(view)
 
 
 class Linear(Affine):
@@ -63,6 +82,11 @@ class Linear(Affine):
 
     def backward(self, A):
         return steps.backward_linear(A, self.weight, self.bias, self.mask)
+
+    def rounding(self, T, h, budget):
+        out_features, in_features = self.weight.shape
+        g = budget.gamma(max(in_features, out_features) + 2)  # forward / IBP, and A W
+        return F.linear(T + g * h, self.abs_weight()) + self._bias_rounding(budget)
 
 
 def conv_padding(module: nn.Conv2d):
@@ -104,13 +128,26 @@ class Conv(Affine):
         return steps.backward_conv2d(A, self.weight, self.bias, self.mask, self.in_shape,
                                      **self.geometry)
 
+    def rounding(self, T, h, budget):
+        groups = self.geometry["groups"]
+        taps = math.prod(self.weight.shape[2:])
+        # Each output sums C_in/groups * taps products; each input of the transposed step
+        # (CROWN) gathers at most C_out/groups * taps.
+        terms = max(self.weight.shape[1], self.weight.shape[0] // groups) * taps
+        g = budget.gamma(terms + 2)
+        return (F.conv2d(T + g * h, self.abs_weight(), None, **self.geometry)
+                + self._bias_rounding(budget))
+
 
 class Scale(Op):
     """Element-wise affine map h * scale + shift (input normalisation, batch norm)."""
 
-    def __init__(self, name, scale=None, shift=None):
+    def __init__(self, name, scale=None, shift=None, shift_magnitude=None):
         super().__init__(name)
         self.scale, self.shift = scale, shift
+        # What the module's own forward adds besides x * scale, in magnitude: |shift| for
+        # (x - mean) / std; batch norm's (x - mean) * s + b rounds on |mean s| + |b|.
+        self.shift_magnitude = shift_magnitude
 
     def ibp(self, c, r, relu_in=False):
         return torch.addcmul(self.shift, c, self.scale), r * self.scale.abs()
@@ -120,6 +157,12 @@ class Scale(Op):
 
     def backward(self, A):
         return steps.backward_scale(A, self.scale, self.shift)
+
+    def rounding(self, T, h, budget):
+        shift = self.shift.abs() if self.shift_magnitude is None else self.shift_magnitude
+        # A few element-wise operations per neuron; CROWN's bias term sums over all neurons.
+        g, g_sum = budget.gamma(8), budget.gamma(math.prod(self.in_shape) + 8)
+        return (T + g * h) * self.scale.detach().abs() + g_sum * shift.detach()
 
 
 class BatchNorm(Scale):
@@ -136,6 +179,7 @@ class BatchNorm(Scale):
         scale = weight / torch.sqrt(var + m.eps)
         view = (-1,) + (1,) * (ndim - 2)  # channel dim 1 of the batched input
         self.scale, self.shift = scale.view(view), (bias - mean * scale).view(view)
+        self.shift_magnitude = ((mean * scale).abs() + bias.abs()).view(view)
 
     def _use_running_stats(self, ndim):
         m = self.module
@@ -169,6 +213,9 @@ class Flatten(Op):
     def backward(self, A):
         return A.reshape(*A.shape[:2], *self.in_shape), None
 
+    def rounding(self, T, h, budget):
+        return T.flatten(1)
+
 
 class AvgPool(Op):
     """Average pooling: linear with non-negative weights, so IBP is (pool(c), pool(r)), exact."""
@@ -194,6 +241,17 @@ class AvgPool(Op):
                                          pair(m.padding), m.ceil_mode, m.count_include_pad,
                                          m.divisor_override)
 
+    def rounding(self, T, h, budget):
+        # The weights are >= 0, so pooling T is the magnitude map. A window sums at most
+        # kernel_size terms (adaptive pooling: ceil(in / out) + 1 per dimension).
+        m = self.module
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            out = nn.modules.utils._pair(m.output_size)
+            taps = math.prod(-(-n // (o or n)) + 1 for n, o in zip(self.in_shape[-2:], out))
+        else:
+            taps = math.prod(nn.modules.utils._pair(m.kernel_size))
+        return m(T + budget.gamma(taps + 2) * h)
+
 
 class MaxPool(Op):
     """Max pooling is monotone: the box maps to [pool(lower), pool(upper)], exactly."""
@@ -212,29 +270,42 @@ class MaxPool(Op):
     def clean(self, x):
         return self.module(x)
 
+    def rounding(self, T, h, budget):
+        # max moves an error by at most the largest error in the window.
+        return self.module(T + budget.gamma(4) * h)
+
 
 class ReLU(Op):
     """Records its input box; ``lower``/``upper`` are IBP's unless CROWN has replaced them.
 
     They are formed from the box on first use only: IBP alone never reads them, and forming
-    them costs two passes over the layer's largest tensors.
+    them costs two passes over the layer's largest tensors. With a rounding budget, ``slack``
+    (KAPPA * T at the ReLU's input, see rounding) widens them on both sides, so that they hold
+    for the exact pre-activations whatever the rounding of the computation that made them.
     """
 
     def __init__(self, name):
         super().__init__(name)
         self._box = None
         self._bounds = (None, None)
+        self.slack = None
 
     def record(self, c, r):
         self._box, self._bounds = (c, r), None
 
     def set_bounds(self, lower, upper):
+        """Bounds computed elsewhere (CROWN's), already widened by the caller."""
         self._box, self._bounds = None, (lower, upper)
+
+    def _widened(self, lower, upper):
+        if self.slack is None:
+            return lower, upper
+        return lower - self.slack, upper + self.slack
 
     def bounds(self):
         if self._bounds is None:
             c, r = self._box
-            self._bounds = (c - r, c + r)
+            self._bounds = self._widened(c - r, c + r)
         return self._bounds
 
     @property
@@ -247,6 +318,11 @@ class ReLU(Op):
 
     def clean(self, x):
         return torch.relu(x)
+
+    def rounding(self, T, h, budget):
+        # The box through ReLU and CROWN's relaxation (slopes, intercepts, A times slopes)
+        # are a few element-wise operations on values of size <= h.
+        return T + budget.gamma(16) * h
 
 
 class Residual(Op):

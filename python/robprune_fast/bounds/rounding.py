@@ -1,0 +1,95 @@
+"""Rounding: a budget that makes every bound sound in floating point, for the model's own
+floating-point forward as well as for the exact network.
+
+Why. The engine computes in float32 (or float64). Each dot product it evaluates, and each one
+the model's own forward evaluates, is off by rounding: summing n terms in any order, with
+IEEE arithmetic rounding to nearest, lands within gamma_n * (sum of |terms|) of the exact sum,
+gamma_n = n u / (1 - n u), u the unit roundoff (Higham, Accuracy and Stability of Numerical
+Algorithms, ch. 3). With logits in the thousands those errors exceed any fixed tolerance, and a
+bound computed in exact-arithmetic style can certify a point that the model's float32 forward
+misclassifies.
+
+How. Alongside the IBP walk the engine carries T, per neuron of the layer reached, the sum over
+earlier layers of each layer's local rounding error propagated through the magnitudes of the
+layers after it:
+
+    T_in = gamma_8 * h_0,     T_out = |W| (T + gamma_w * h) + gamma_b * |b|   (linear, conv)
+
+where h is an upper bound of |x| over the layer's input box (|centre| + radius, the maximum
+over the batch, so T costs one extra GEMM row per layer, not one per input), gamma_w covers the
+layer's dot products (fan-in for the forward and IBP, fan-out for CROWN's A W) and gamma_b the
+sums over all the layer's neurons (CROWN's bias terms). Element-wise maps scale T by |scale|,
+pooling pools it, a ReLU adds gamma_16 * h for its relaxation. By induction (each layer's
+magnitude map bounds how an error at its input moves its output), T bounds:
+  - the model's own forward: |f_float(x) - f(x)| <= T for every x in the ball;
+  - the IBP computation: centre and radius each within T of their exact values;
+  - a CROWN sweep from a specification C: its bound within |C| T of the exact-arithmetic
+    one (the A matrices' errors at every step are |A| times a local term of T, and |A| is at
+    most |C| times the magnitudes of the layers after; relaxation slopes lie in [0, 1]).
+So a bound moved outward by KAPPA * |C| T (KAPPA = 4 >= 2 for the computation + 1 for the
+forward, with slack for second-order terms) holds for the exact network and for the model's
+float forward, and every intermediate bound moved outward by KAPPA * T holds for the exact
+pre-activations that the relaxations need. CROWN's last step, the concretisation over the input
+box (a sum over every input pixel), runs in float64.
+
+What is guaranteed. A certificate covers the model as the engine reads it, evaluated in the
+engine's dtype with IEEE float32 / float64 arithmetic in any summation order: PyTorch's CPU
+kernels, and CUDA with TF32 and reduced-precision reductions off. It does not cover a forward in
+bfloat16/float16 or TF32, nor convolution algorithms that transform the input (FFT, Winograd;
+cuDNN may pick them on the GPU), nor batch statistics of a batch norm in training mode (their
+rounding is not bounded; training never needs certificates). The budget is a worst-case bound:
+typical errors are far smaller, so it costs little tightness (BENCHMARKS.md measures it).
+"""
+from __future__ import annotations
+
+import torch
+
+KAPPA = 4.0
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the distance from 1 to the next float: 2^-24 (float32) or 2^-53 (float64)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """gamma_n = n u / (1 - n u): the relative error of a sum of n terms; inf once n u >= 1."""
+    nu = n * unit_roundoff(dtype)
+    return nu / (1 - nu) if nu < 1 else float("inf")
+
+
+def magnitude(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """An upper bound of |x| over the box (c, r), the largest over the batch: (1, *shape)."""
+    return (c.abs() + r).amax(0, keepdim=True)
+
+
+class Budget:
+    """The rounding budget T of one bound computation, carried through the walk (see above).
+
+    ``T`` has shape (1, *neurons) of the layer reached. Ops move it with their ``rounding``
+    method; ReLUs keep KAPPA * T of their input as ``slack`` for their pre-activation bounds.
+    """
+
+    def __init__(self, x: torch.Tensor, eps: torch.Tensor, forward_dtype: torch.dtype):
+        """The budget at the input: x (B, ...) in [0, 1], its ball clipped to [0, 1].
+        forward_dtype: the dtype the model's own forward runs in; the budget takes the unit
+        roundoff of the coarser of it and x's (the engine's)."""
+        coarser = max((x.dtype, forward_dtype), key=unit_roundoff)
+        self.dtype = coarser
+        self.T = gamma(8, coarser) * (x + eps).clamp(max=1).amax(0, keepdim=True).to(x.dtype)
+        self.relu_magnitude = None
+
+    def magnitude(self, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """|input| of the next op. Right after a ReLU it is the ReLU's own input magnitude (a
+        ReLU only shrinks it), whether its box went through the ReLU in place or is still
+        pending: both paths then carry the same budget."""
+        return self.relu_magnitude if self.relu_magnitude is not None else magnitude(c, r)
+
+    def gamma(self, n: int) -> float:
+        return gamma(n, self.dtype)
+
+    def slack(self, C: torch.Tensor | None = None) -> torch.Tensor:
+        """KAPPA * T, or KAPPA * |C| T per specification row: (1, *neurons) or (B, S)."""
+        if C is None:
+            return KAPPA * self.T
+        return KAPPA * (C.abs() @ self.T.flatten(1).unsqueeze(-1)).squeeze(-1)
