@@ -140,7 +140,7 @@ def test_fused_loss_bound_holds_on_gpu():
     y = torch.tensor([2, 7, 7, 0])
     gmodel, gx, gy = _to_gpu(_masked_digits_cnn, x, y)
     gmodel.eval()
-    bound, _, _ = loss_fusion.fused_ce_bound(gmodel, gx, gy, 0.03, 10)
+    bound, _ = loss_fusion.fused_ce_bound(gmodel, gx, gy, 0.03, 10)
     samples = _ball_samples(x, 0.03, 200).to(GPU)
     with torch.no_grad():
         losses = torch.stack([torch.nn.functional.cross_entropy(gmodel(p), gy, reduction="none")

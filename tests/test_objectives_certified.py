@@ -204,7 +204,8 @@ def test_fused_bound_is_sound(eps):
 
 def test_fused_bound_is_exact_at_zero_radius_and_differentiable():
     model, x, y = _trained_float64_model()
-    bound, margin_lower, relu_bounds = loss_fusion.fused_ce_bound(model, x, y, 0.0, 5)
+    bound, b = loss_fusion.fused_ce_bound(model, x, y, 0.0, 5)
+    margin_lower, relu_bounds = b.ibp_lower, b.relu_bounds
     exact = F.cross_entropy(model(x), y, reduction="none")
     assert torch.allclose(bound, exact, atol=1e-9)
     assert len(relu_bounds) == 2 and margin_lower.shape == (32, 4)

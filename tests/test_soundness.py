@@ -367,8 +367,8 @@ def test_loss_fusion_mixes_beta_the_right_way():
     obj = objectives.build("crown-ibp", eps=0.05, eps_ramp=0.0, kappa_start=0, kappa_end=0,
                            beta_start=0.25, beta_end=0.25, loss_fusion=True)
     loss, _ = obj(model, x, y, 1.0)
-    fused, ibp_lower, _ = loss_fusion.fused_ce_bound(model, x, y, 0.05, 4)
-    ibp_ce, _ = loss_fusion.robust_ce(ibp_lower, y)
+    fused, b = loss_fusion.fused_ce_bound(model, x, y, 0.05, 4)
+    ibp_ce, _ = loss_fusion.robust_ce(b.ibp_lower, y)
     want = (0.25 * fused + 0.75 * ibp_ce).mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
@@ -479,3 +479,16 @@ def test_no_certified_point_of_a_random_model_is_broken(scale, masked):
             with torch.no_grad():
                 assert (model(xa).argmax(1) == yv).all(), (method, trial)
     assert certified > 0  # the test must exercise certificates
+
+
+def test_certified_training_notices_a_model_the_engine_reads_wrongly(monkeypatch):
+    """The objective's clean pass is checked against its own IBP bounds: a layer whose forward
+    changed behind the engine's back (here every ReLU, patched on the class) stops training."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    x, y = torch.rand(6, 1, 4, 4), torch.randint(0, 4, (6,))
+    obj = objectives.build("ibp", eps=0.01, eps_ramp=0.0, kappa_start=0.5, kappa_end=0.5)
+    obj(model, x, y, 1.0)  # consistent: no complaint
+    monkeypatch.setattr(nn.ReLU, "forward", lambda self, h: torch.exp(h) + 5)
+    with pytest.raises(RuntimeError, match="outside its certified-training bounds"):
+        obj(model, x, y, 1.0)

@@ -74,10 +74,10 @@ def fused_ce_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, num_
                    max_memory: int = bounds.DEFAULT_MAX_MEMORY):
     """Upper bound, per input, of CE(model(x'), y) over the L-inf ball of radius eps (in [0, 1]).
 
-    Returns (bound (B,), margin_lower (B, K-1), relu_bounds): the CROWN-IBP bound of the fused
-    loss; IBP's lower bounds of the margins z_y - z_j (j != y, ascending), which come for free and
-    serve the IBP term of a beta mix and the training accuracy; IBP's ReLU pre-activation bounds
-    (as ``bounds.Bounds.relu_bounds``).  Differentiable in the model's parameters.
+    Returns (bound (B,), training bounds): the CROWN-IBP bound of the fused loss, and the
+    ``bounds.TrainingBounds`` of the pass, whose IBP bounds of the margins z_y - z_j (j != y,
+    ascending) come for free and serve the IBP term of a beta mix, the training accuracy and
+    the warm-up regulariser (its relu_bounds).  Differentiable in the model's parameters.
     """
     C = bounds.margin_spec(y, num_classes, dtype=torch.float64 if x.dtype == torch.float64
                            else torch.float32)
@@ -93,7 +93,7 @@ def fused_ce_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, num_
     scaled = b.crown_upper.squeeze(1) + pieces["constant"]
     # The scaled sum is truly >= exp(-M) > 0; raising a rounded bound to that only loosens it.
     scaled = torch.maximum(scaled, torch.exp(-pieces["shift"]))
-    return pieces["shift"] + torch.log(scaled), b.ibp_lower, b.relu_bounds
+    return pieces["shift"] + torch.log(scaled), b
 
 
 def robust_ce(margin_lower: torch.Tensor, y: torch.Tensor):

@@ -306,7 +306,7 @@ def certified_schedule(progress: float, eps: float, eps_start: float = 0.0, eps_
 
 def _certified_objective(num_classes, max_memory, reg_tol, robust_loss, **schedule):
     """The loop shared by IBP and CROWN-IBP.  robust_loss(model, x, y, eps_t, K, beta, max_memory)
-    returns (per-input robust loss, worst-case logits z, IBP's relu_bounds)."""
+    returns (per-input robust loss, worst-case logits z, the bounds.TrainingBounds of its pass)."""
 
     def objective(model, x, y, progress):
         s = certified_schedule(progress, **schedule)
@@ -315,19 +315,44 @@ def _certified_objective(num_classes, max_memory, reg_tol, robust_loss, **schedu
             logits = model(x)
             return F.cross_entropy(logits, y), logits
         K = num_classes or num_outputs(model)
-        robust, z, relu_bounds = robust_loss(model, x, y, s.eps, K, s.beta, max_memory)
+        robust, z, b = robust_loss(model, x, y, s.eps, K, s.beta, max_memory)
         loss = (1 - s.kappa) * robust.mean()
         if s.kappa > 0:
-            loss = loss + s.kappa * F.cross_entropy(model(x), y)
+            logits = model(x)
+            _check_inside(logits, y, b)
+            loss = loss + s.kappa * F.cross_entropy(logits, y)
         elif _has_training_batchnorm(model):
             # Bounds never update running statistics; only the clean pass does.
             with torch.no_grad():
                 model(x)
         if s.reg_weight > 0:
             radius = _input_radius(model, x, s.eps)
-            loss = loss + s.reg_weight * warmup_regularizer(relu_bounds, radius, reg_tol)
+            loss = loss + s.reg_weight * warmup_regularizer(b.relu_bounds, radius, reg_tol)
         return loss, z
     return objective
+
+
+# How far the model's own margins may stray outside the training bounds (exact-arithmetic
+# bounds, a float forward) before the two are taken to disagree, relative to their size.
+_INSIDE_SLACK = 1e-2
+
+
+def _check_inside(logits, y, b):
+    """The model's own clean margins lie in the IBP bounds of the ball around x, or the engine
+    reads the model wrongly (a second line of defence behind bounds.compile's checks). The
+    check is asynchronous on the GPU (no host sync) and skipped under autocast, whose
+    reduced-precision forward is no match for the bounds' float32."""
+    if torch.is_autocast_enabled(logits.device.type):
+        return
+    with torch.no_grad():
+        margins = logits.gather(1, y[:, None]) - logits  # (B, K), 0 at the true class
+        others = torch.ones_like(margins, dtype=torch.bool).scatter_(1, y[:, None], False)
+        margins = margins[others].view_as(b.ibp_lower).to(b.ibp_lower.dtype)
+        slack = _INSIDE_SLACK * (1 + b.ibp_lower.abs() + b.ibp_upper.abs())
+        inside = (margins >= b.ibp_lower - slack) & (margins <= b.ibp_upper + slack)
+        torch._assert_async(inside.all() | ~torch.isfinite(margins).all(),
+                            "the model's own logits fall outside its certified-training bounds: "
+                            "some layer computes something the bound engine does not know")
 
 
 @register("ibp")
@@ -357,7 +382,7 @@ def ibp_training(eps: float, eps_start: float = 0.0, eps_ramp: float = 0.5,
         C = bounds.margin_spec(y, K)
         b = bounds.training_bounds(model, x, eps_t, C, max_memory=max_memory)
         loss, z = fusion.robust_ce(b.ibp_lower, y)
-        return loss, z, b.relu_bounds
+        return loss, z, b
 
     return _certified_objective(num_classes, max_memory, reg_tol, robust, eps=eps,
                                 eps_start=eps_start, eps_ramp=eps_ramp, schedule=schedule,
@@ -388,16 +413,15 @@ def crown_ibp_training(eps: float, eps_start: float = 0.0, eps_ramp: float = 0.5
 
     def robust(model, x, y, eps_t, K, beta, max_memory):
         if beta > 0 and loss_fusion:
-            fused, ibp_lower, relu_bounds = fusion.fused_ce_bound(model, x, y, eps_t, K,
-                                                                  max_memory=max_memory)
-            ibp_loss, z = fusion.robust_ce(ibp_lower, y)
-            return beta * fused + (1 - beta) * ibp_loss, z, relu_bounds
+            fused, b = fusion.fused_ce_bound(model, x, y, eps_t, K, max_memory=max_memory)
+            ibp_loss, z = fusion.robust_ce(b.ibp_lower, y)
+            return beta * fused + (1 - beta) * ibp_loss, z, b
         C = bounds.margin_spec(y, K)
         b = bounds.training_bounds(model, x, eps_t, C, C if beta > 0 else None,
                                    max_memory=max_memory)
         lower = b.ibp_lower if beta == 0 else beta * b.crown_lower + (1 - beta) * b.ibp_lower
         loss, z = fusion.robust_ce(lower, y)
-        return loss, z, b.relu_bounds
+        return loss, z, b
 
     return _certified_objective(num_classes, max_memory, reg_tol, robust, eps=eps,
                                 eps_start=eps_start, eps_ramp=eps_ramp, schedule=schedule,
