@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PACKAGES := torch==2.14.1 torchvision==0.29.1 numpy pytest expecttest ninja pybind11 \
-            scikit-learn tqdm safetensors
+            scikit-learn tqdm safetensors pydantic
 
 # The CUDA kernels compile without a GPU when a toolkit is found; FORCE_CUDA=0 skips them.
 CUDA_HOME ?= $(shell scripts/cuda_home.sh)
@@ -19,7 +19,7 @@ BUILD_ENV := CUDA_HOME="$(CUDA_HOME)" FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_L
 
 all: test
 
-$(VENV)/.packages:
+$(VENV)/.packages: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(PACKAGES)
 	touch $@

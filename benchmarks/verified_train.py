@@ -9,13 +9,15 @@ Defaults: CIFAR-10 from ../shared/datasets/cifar10-jpeg.tar.gz, cnn_small, eps 2
 (Shi et al. 2021's optimiser), eps ramped over the middle of training (``--eps-start``,
 ``--eps-ramp`` as fractions of training, ``--schedule linear|smooth``), kappa 1 -> 0.5 (IBP) or
 1 -> 0 (CROWN-IBP), beta 1 -> 0 (CROWN-IBP).  ``--ibp-init`` and ``--reg`` are Shi et al.'s IBP
-initialisation and warm-up regularisers.  ``--subset N`` trains on the first N training images.
+initialisation and warm-up regularisers.  ``--subset N`` trains on a seeded class-stratified
+sample of N training images.
 
 The run folder gets checkpoint.safetensors (+ .json) after every epoch, metrics.jsonl (one line per
 epoch; train_acc is the IBP/CROWN-IBP-certified training accuracy at that step's eps) and, at the
-end, results.json with benign, PGD and verified (IBP and CROWN-IBP) accuracy on the first
-``--eval-n`` test images, plus ``verified_but_attacked`` (must be 0).  A killed run resumes from its
-last epoch when started again with the same options.
+end, results.json with benign, PGD and verified (IBP and CROWN-IBP) accuracy on a seeded
+class-stratified sample of ``--eval-n`` test images (the same points for all three; ``eval.subset``
+describes them), plus ``verified_but_attacked`` (must be 0).  A killed run resumes from its last
+epoch when started again with the same options.
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--loss-fusion", action="store_true", help="CROWN-IBP only")
     p.add_argument("--ibp-init", action="store_true", help="Shi et al.'s IBP initialisation")
     p.add_argument("--reg", action="store_true", help="Shi et al.'s warm-up regularisers")
-    p.add_argument("--subset", type=int, help="train on the first N training images")
-    p.add_argument("--eval-n", type=int, default=1000, help="test images to evaluate")
+    p.add_argument("--subset", type=int, help="train on a seeded class-stratified sample of N "
+                   "training images")
+    p.add_argument("--eval-n", type=int, help="evaluate on a seeded class-stratified sample of N "
+                   "test points (default: 1000, or all of a smaller test split)")
     p.add_argument("--pgd-steps", type=int, default=50)
     p.add_argument("--pgd-restarts", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -82,8 +86,9 @@ def main(argv=None) -> dict:
     model_name = args.model or ("digits_cnn" if digits else "cnn_small")
     dataset = data.load(args.dataset, None if digits else args.source)
     train_split = dataset.train
-    if args.subset:
-        train_split = data.Split(train_split.images[:args.subset], train_split.labels[:args.subset])
+    if args.subset is not None:
+        train_split = train_split.select(data.stratified_subset(train_split, args.subset, args.seed))
+    eval_n = args.eval_n if args.eval_n is not None else min(1000, len(dataset.test))
 
     torch.manual_seed(args.seed)
     model = models.build(model_name, num_classes=dataset.num_classes)
@@ -102,7 +107,7 @@ def main(argv=None) -> dict:
                           args.out, args.device, run_info)
     t1 = time.perf_counter()
     metrics = evaluate.evaluate(model, dataset.test, eps=args.eps, device=args.device,
-                                n=args.eval_n, pgd_steps=args.pgd_steps,
+                                n=eval_n, pgd_steps=args.pgd_steps,
                                 pgd_restarts=args.pgd_restarts, seed=args.seed,
                                 verify=("ibp", "crown-ibp"))
     results = {**run_info, "config": config.to_json(), "device": str(args.device),

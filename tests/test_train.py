@@ -1,15 +1,20 @@
 """Objectives, schedules, checkpoints, kill-and-resume, and adversarial vs natural training."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from robprune_fast import checkpoint, data, evaluate, models, objectives, train
+from robprune_fast._atomic import atomic_write
 
 
 # --- objectives ----------------------------------------------------------------------------------
@@ -85,13 +90,47 @@ def test_learning_rate_schedules():
     assert train.learning_rate(const, 50, 100) == 0.3
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("optimizer", "rmsprop", "optimizer must be"), ("schedule", "linear", "schedule must be"),
-    ("epochs", 0, "epochs must be >= 1"), ("lr", 0.0, "lr must be > 0"),
+@pytest.mark.parametrize("fields,match", [
+    ({"optimizer": "rmsprop"}, "optimizer.*'sgd' or 'adam'"),
+    ({"schedule": "linear"}, "schedule.*'cosine', 'step' or 'constant'"),
+    ({"epochs": 0}, "epochs.*greater than or equal to 1"),
+    ({"epochs": 2.5}, "epochs.*valid integer"), ({"epochs": True}, "epochs.*valid integer"),
+    ({"batch_size": 0}, "batch_size.*greater than or equal to 1"),
+    ({"batch_size": 64.0}, "batch_size.*valid integer"),
+    ({"lr": 0.0}, "lr.*greater than 0"), ({"lr": math.inf}, "lr.*finite number"),
+    ({"lr": math.nan}, "lr.*finite number"), ({"lr": "0.1"}, "lr.*valid number"),
+    ({"momentum": 1.0}, "momentum.*less than 1"), ({"momentum": -0.1}, "momentum.*greater than"),
+    ({"weight_decay": -1e-4}, "weight_decay.*greater than or equal to 0"),
+    ({"weight_decay": math.inf}, "weight_decay.*finite number"),
+    ({"gamma": 0.0}, "gamma.*greater than 0"), ({"gamma": 1.5}, "gamma.*less than or equal to 1"),
+    ({"warmup_epochs": -1.0}, "warmup_epochs.*greater than or equal to 0"),
+    ({"epochs": 2, "warmup_epochs": 3.0}, "warmup_epochs \\(3.0\\) must be <= epochs \\(2\\)"),
+    ({"milestones": (0.75, 0.5)}, "milestones.*increasing fractions in \\(0, 1\\)"),
+    ({"milestones": (0.0, 0.5)}, "milestones.*increasing"), ({"milestones": (0.5, 1.0)}, "milestones"),
+    ({"milestones": (0.5, 0.5)}, "milestones.*increasing"),
+    ({"augment": "yes"}, "augment.*valid boolean"), ({"seed": -1}, "seed.*greater than or equal to 0"),
+    ({"lr_decay": 0.1}, "lr_decay.*Extra inputs are not permitted"),
 ])
-def test_config_errors(field, value, match):
-    with pytest.raises(ValueError, match=match):
-        train.TrainConfig(**{field: value})
+def test_config_errors_name_the_field(fields, match):
+    with pytest.raises(ValueError, match=re.compile(match, re.S)):
+        train.TrainConfig(**fields)
+
+
+def test_config_assignment_is_checked_too():
+    cfg = train.TrainConfig()
+    with pytest.raises(ValueError, match=re.compile("lr.*finite number", re.S)):
+        cfg.lr = math.inf
+
+
+def test_config_json_keeps_its_keys():
+    """to_json() is part of every checkpoint's identity: its keys and values must not change."""
+    cfg = train.TrainConfig(epochs=3, milestones=[0.25, 0.5], warmup_epochs=1)  # a list is taken
+    assert cfg.to_json() == {
+        "epochs": 3, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+        "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1.0, "milestones": [0.25, 0.5],
+        "gamma": 0.1, "augment": False, "seed": 0}
+    assert cfg.milestones == (0.25, 0.5)
+    assert train.TrainConfig(**cfg.to_json()) == cfg
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -116,6 +155,59 @@ def test_checkpoint_round_trip_continues_identically(tmp_path, opt):
         train.train_step(b, opt_b, objective, x, y, 0.0, 0.01)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("saved,loaded", [("sgd", "adam"), ("adam", "sgd")])
+def test_checkpoint_refuses_another_optimizer(tmp_path, saved, loaded):
+    x, y = digits_batch()
+    model = models.build("digits_mlp")
+    opt = train.make_optimizer(model, train.TrainConfig(optimizer=saved, lr=0.01))
+    train.train_step(model, opt, objectives.build("natural"), x, y, 0.0, 0.01)
+    checkpoint.save(tmp_path / "c.safetensors", model, opt)
+    other = train.make_optimizer(model, train.TrainConfig(optimizer=loaded, lr=0.01))
+    names = {"sgd": "SGD", "adam": "Adam"}
+    with pytest.raises(ValueError, match=f"c.safetensors: the checkpoint holds {names[saved]} state, "
+                                         f"the optimizer is {names[loaded]}"):
+        checkpoint.load(tmp_path / "c.safetensors", model, other)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad meta"])
+def test_damaged_checkpoint_is_named(tmp_path, damage):
+    path = tmp_path / "c.safetensors"
+    model = models.build("digits_mlp")
+    checkpoint.save(path, model, meta={"epoch": 1})
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-1000])
+    elif damage == "garbage":
+        path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    else:
+        save_file({"model.0.weight": torch.zeros(1)}, path, metadata={"meta": "{not json"})
+    for read in (lambda: checkpoint.read_meta(path), lambda: checkpoint.load(path, model)):
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ": not a readable checkpoint"):
+            read()
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        checkpoint.read_meta(tmp_path / "nowhere.safetensors")
+
+
+def test_atomic_write_removes_dead_writers_temporaries(tmp_path):
+    target = tmp_path / "c.safetensors"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid no longer answers
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".c.safetensors.{dead.pid}.tmp"
+        in_flight = tmp_path / f".c.safetensors.{live.pid}.tmp"
+        other_target = tmp_path / f".d.safetensors.{dead.pid}.tmp"
+        not_ours = tmp_path / ".c.safetensors.backup.tmp"
+        for f in (stale, in_flight, other_target, not_ours):
+            f.write_text("half")
+        atomic_write(target, lambda tmp: Path(tmp).write_text("whole"))
+        assert target.read_text() == "whole"
+        assert not stale.exists()
+        assert in_flight.exists() and other_target.exists() and not_ours.exists()
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_checkpoint_refuses_a_different_model(tmp_path):
@@ -186,15 +278,151 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
     assert json.loads(lines[0]) == after_kill["history"][0]  # epoch 0 was not trained again
 
 
-def test_resume_refuses_a_different_run(tmp_path):
+def small_digits(n=64):
     full = data.load("digits").train
-    split = data.Split(full.images[:64], full.labels[:64])
+    return data.Split(full.images[:n], full.labels[:n])
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    split = small_digits()
     model = models.build("digits_mlp")
     cfg = train.TrainConfig(epochs=1, batch_size=32, progress_bar=False)
     train.train(model, split, objectives.build("natural"), cfg, tmp_path)
-    with pytest.raises(ValueError, match="belongs to a different run"):
+    with pytest.raises(ValueError, match="belongs to a different run.*config.batch_size: 32 in the "
+                                         "checkpoint, 16 now"):
         train.train(model, split, objectives.build("natural"),
                     train.TrainConfig(epochs=1, batch_size=16, progress_bar=False), tmp_path)
+
+
+def test_resume_refuses_another_objective(tmp_path):
+    split = small_digits()
+    model = models.build("digits_mlp")
+    cfg = train.TrainConfig(epochs=1, batch_size=32, progress_bar=False)
+    train.train(model, split, objectives.build("pgd", eps=0.1, steps=2), cfg, tmp_path)
+    with pytest.raises(ValueError, match="belongs to a different run.*objective.eps: 0.1 in the "
+                                         "checkpoint, 0.2 now"):
+        train.train(model, split, objectives.build("pgd", eps=0.2, steps=2), cfg, tmp_path)
+    with pytest.raises(ValueError, match="objective.name: 'pgd' in the checkpoint, 'natural' now"):
+        train.train(model, split, objectives.build("natural"), cfg, tmp_path)
+
+
+def test_resume_refuses_other_data(tmp_path):
+    split = small_digits()
+    model = models.build("digits_mlp")
+    cfg = train.TrainConfig(epochs=1, batch_size=32, progress_bar=False)
+    natural = objectives.build("natural")
+    train.train(model, split, natural, cfg, tmp_path)
+    relabelled = data.Split(split.images, split.labels.roll(1))
+    with pytest.raises(ValueError, match="belongs to a different run.*data.labels_sha256"):
+        train.train(model, relabelled, natural, cfg, tmp_path)
+    images = split.images.clone()
+    images[5, 0, 3, 3] ^= 1  # one bit of one pixel
+    with pytest.raises(ValueError, match="data.images_sha256"):
+        train.train(model, data.Split(images, split.labels), natural, cfg, tmp_path)
+    with pytest.raises(ValueError, match="data.size: 64 in the checkpoint, 63 now"):
+        train.train(model, data.Split(split.images[:63], split.labels[:63]), natural, cfg, tmp_path)
+    assert train.train(model, small_digits(), natural, cfg, tmp_path)  # the same data resumes
+
+
+def test_resume_of_a_checkpoint_without_objective_and_data_warns(tmp_path):
+    """Checkpoints written before the run identity held the objective and data still resume."""
+    split = small_digits()
+    model = models.build("digits_mlp")
+    cfg = train.TrainConfig(epochs=2, batch_size=32, progress_bar=False)
+    optimizer = train.make_optimizer(model, cfg)
+    old_identity = {"config": cfg.to_json(), "run": {}}
+    history = [{"epoch": 0, "loss": 1.0}]
+    checkpoint.save(tmp_path / train.CHECKPOINT, model, optimizer,
+                    {"identity": old_identity, "epoch": 0, "history": history})
+    with pytest.warns(UserWarning, match="records no objective, data: resuming without checking them"):
+        result = train.train(model, split, objectives.build("natural"), cfg, tmp_path)
+    assert [h["epoch"] for h in result] == [0, 1]
+    assert set(checkpoint.read_meta(tmp_path / train.CHECKPOINT)["identity"]) == {
+        "config", "run", "objective", "data"}
+
+
+def test_resume_refuses_a_checkpoint_without_identity(tmp_path):
+    model = models.build("digits_mlp")
+    checkpoint.save(tmp_path / train.CHECKPOINT, model, meta={"epoch": 0, "history": []})
+    with pytest.raises(ValueError, match="belongs to a different run: config: \\(absent\\) in the "
+                                         "checkpoint"):
+        train.train(model, small_digits(), objectives.build("natural"),
+                    train.TrainConfig(epochs=1, progress_bar=False), tmp_path)
+
+
+def test_identity_must_be_json(tmp_path):
+    objective = objectives.build("natural")
+    objective.spec = {"name": "natural", "schedule": lambda t: t}
+    with pytest.raises(ValueError, match="objective's spec must be JSON data.*function"):
+        train.train(models.build("digits_mlp"), small_digits(), objective,
+                    train.TrainConfig(epochs=1, progress_bar=False), tmp_path)
+
+
+def test_empty_split_is_refused(tmp_path):
+    empty = data.Split(torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="split is empty"):
+        train.train(models.build("digits_mlp"), empty, objectives.build("natural"),
+                    train.TrainConfig(epochs=1, progress_bar=False), tmp_path)
+
+
+def poisoned(step_to_poison, poison):
+    """The natural objective, with ``poison(loss, model)`` applied at one call (1-based)."""
+    base, calls = objectives.build("natural"), [0]
+
+    def objective(model, x, y, progress):
+        calls[0] += 1
+        loss, logits = base(model, x, y, progress)
+        return (poison(loss, model) if calls[0] == step_to_poison else loss), logits
+    return objective
+
+
+def test_non_finite_loss_stops_before_the_checkpoint(tmp_path):
+    split = small_digits(96)  # 3 steps per epoch
+    model = models.build("digits_mlp")
+    cfg = train.TrainConfig(epochs=3, batch_size=32, progress_bar=False)
+    nan_loss = poisoned(5, lambda loss, model: loss * math.nan)  # epoch 2, step 2
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2/3, step 2/3.*checkpoint"
+                                                 r".safetensors keeps the run after epoch 1/3"):
+        train.train(model, split, nan_loss, cfg, tmp_path)
+    meta = checkpoint.read_meta(tmp_path / train.CHECKPOINT)
+    assert meta["epoch"] == 0
+    restored = models.build("digits_mlp")
+    checkpoint.load(tmp_path / train.CHECKPOINT, restored)
+    assert all(torch.isfinite(p).all() for p in restored.state_dict().values())
+    # On the CPU the bad loss never reached the weights: the model can still be inspected.
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    lines = (tmp_path / train.METRICS).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0]
+
+
+def test_non_finite_loss_without_step_checks_stops_at_the_epoch_end(tmp_path, monkeypatch):
+    """As on a GPU, where the loss is only checked once per epoch (its summed loss)."""
+    monkeypatch.setattr(train, "_check_each_step", lambda device: False)
+    model = models.build("digits_mlp")
+    cfg = train.TrainConfig(epochs=3, batch_size=32, progress_bar=False)
+    nan_loss = poisoned(5, lambda loss, model: loss * math.nan)  # epoch 2, step 2
+    with pytest.raises(FloatingPointError, match=r"not finite after epoch 2/3.*keeps the run after "
+                                                 r"epoch 1/3"):
+        train.train(model, small_digits(96), nan_loss, cfg, tmp_path)
+    assert checkpoint.read_meta(tmp_path / train.CHECKPOINT)["epoch"] == 0
+    restored = models.build("digits_mlp")
+    checkpoint.load(tmp_path / train.CHECKPOINT, restored)
+    assert all(torch.isfinite(p).all() for p in restored.state_dict().values())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """A finite loss with an infinite gradient (sqrt at 0) turns the weights to NaN in the last
+    step of the epoch: the per-epoch check catches what no loss has shown yet."""
+    split = small_digits(64)  # 2 steps per epoch
+    model = models.build("digits_mlp")
+    cfg = train.TrainConfig(epochs=2, batch_size=32, progress_bar=False)
+
+    def infinite_gradient(loss, model):
+        first = next(model.parameters())
+        return loss + (first * 0).abs().sqrt().sum()
+    with pytest.raises(FloatingPointError, match=r"not finite after epoch 1/2.*no checkpoint"):
+        train.train(model, split, poisoned(2, infinite_gradient), cfg, tmp_path)
+    assert not (tmp_path / train.CHECKPOINT).exists()
 
 
 # --- the point of it all -------------------------------------------------------------------------

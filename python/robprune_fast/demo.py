@@ -53,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "too small to gain from threads, and lose badly on a busy machine), else torch's")
     p.add_argument("--eval-steps", type=int, default=50, help="PGD steps at evaluation")
     p.add_argument("--eval-restarts", type=int, default=1)
-    p.add_argument("--eval-n", type=int, help="evaluate on the first N test points (default all)")
-    p.add_argument("--autoattack-n", type=int, default=0, help="AutoAttack on the first N test points")
+    p.add_argument("--eval-n", type=int, help="evaluate on a seeded class-stratified sample of N "
+                   "test points (default: all of them)")
+    p.add_argument("--autoattack-n", type=int, default=0, help="AutoAttack on a seeded "
+                   "class-stratified sample of N test points, drawn from those evaluated "
+                   "(default 0: none)")
     p.add_argument("--out", default="runs/demo", help="run folder: checkpoint, metrics, results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)

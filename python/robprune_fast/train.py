@@ -3,61 +3,82 @@
 Determinism is by construction: the learning rate is a pure function of the step, the batches of
 an epoch depend only on (seed, epoch), and the global RNG (attack random starts) is reseeded from
 (seed, epoch) at the start of every epoch.  A checkpoint written after an epoch therefore holds
-everything needed to replay the rest of the run bit for bit, however the process died.
+everything needed to replay the rest of the run bit for bit, however the process died.  Only
+finite weights are ever checkpointed: a run whose loss or weights go NaN/inf stops with an error.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
 from . import checkpoint
-from .data import Batches, Split
+from .data import Batches, Split, fingerprint
 from .objectives import Objective
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
+# Parts of a run's identity that older checkpoints do not record.
+LATER_IDENTITY_KEYS = ("objective", "data")
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"           # "sgd" (with momentum) or "adam"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"         # "cosine", "step" or "constant", after a linear warm-up
-    warmup_epochs: float = 0.0
-    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of training
-    gamma: float = 0.1
-    augment: bool = False            # random crop (pad 4) + horizontal flip, on the device
-    seed: int = 0
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class TrainConfig(BaseModel):
+    """The training hyper-parameters, checked on construction and on assignment.
+
+    Strict: 2.5 epochs or "0.1" as lr are refused rather than converted (an int is a valid float),
+    and so is any unknown field.  Errors (pydantic's ValidationError, a ValueError) name the field.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"  # SGD with momentum, or Adam
+    lr: Finite = Field(0.1, gt=0)
+    momentum: Finite = Field(0.9, ge=0, lt=1)  # SGD only
+    weight_decay: Finite = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"  # after a linear warm-up
+    warmup_epochs: Finite = Field(0.0, ge=0)
+    milestones: tuple[Finite, ...] = (0.5, 0.75)  # step schedule: fractions of training
+    gamma: Finite = Field(0.1, gt=0, le=1)  # step schedule: factor at each milestone
+    augment: bool = False  # random crop (pad 4) + horizontal flip, on the device
+    seed: int = Field(0, ge=0, lt=2 ** 32)  # seed * 1_000_003 + epoch must fit torch's 64-bit seeds
     progress_bar: bool = True
 
-    def __post_init__(self):
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        self.milestones = tuple(self.milestones)
+    @field_validator("milestones", mode="before")
+    @classmethod
+    def _milestones_from_json(cls, value):
+        return tuple(value) if isinstance(value, list) else value  # to_json() writes a list
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing_fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        points = (0.0, *value, 1.0)
+        if any(a >= b for a, b in zip(points, points[1:])):
+            raise ValueError(f"must be increasing fractions in (0, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> "TrainConfig":
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
+        return self
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("progress_bar")  # cosmetic: a resumed run may show a bar the first one did not
-        d["milestones"] = list(d["milestones"])
-        return d
+        # progress_bar is cosmetic: a resumed run may show a bar the first one did not.
+        return self.model_dump(mode="json", exclude={"progress_bar"})
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -92,14 +113,21 @@ def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def train_step(model, optimizer, objective: Objective, x, y, progress: float, lr: float):
-    """One optimizer step; returns (loss, number correct) as tensors (no host sync)."""
+def train_step(model, optimizer, objective: Objective, x, y, progress: float, lr: float,
+               check_finite: bool = False):
+    """One optimizer step; returns (loss, number correct) as tensors (no host sync).
+
+    ``check_finite`` refuses a NaN/inf loss before it reaches the weights (FloatingPointError),
+    at the price of a host sync.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     if x.is_cuda and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device):
         loss, logits = objective(model, x, y, progress)
+    if check_finite and not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -110,15 +138,89 @@ def _seed_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(seed * 1_000_003 + epoch + 1)  # seeds CUDA too
 
 
+def run_identity(config: TrainConfig, objective: Objective, split: Split,
+                 run_info: dict | None) -> dict:
+    """What a checkpoint must share with a run that resumes it, as it reads back from JSON."""
+    identity = {"config": config.to_json(), "run": run_info or {},
+                "objective": getattr(objective, "spec", None), "data": fingerprint(split)}
+    try:
+        return json.loads(json.dumps(identity))  # tuples become lists, as in the checkpoint
+    except TypeError as e:  # the checkpoint's header is JSON: its identity has to be too
+        raise ValueError(f"run_info and the objective's spec must be JSON data: {e}") from e
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """"key.field: <saved> in the checkpoint, <current> now" for each entry that differs."""
+    out = []
+    for key, now in current.items():
+        then = saved.get(key)
+        if key in saved and then == now:
+            continue
+        if isinstance(then, dict) and isinstance(now, dict):
+            out += [f"{key}.{f}: {_shown(then, f)} in the checkpoint, {_shown(now, f)} now"
+                    for f in {**then, **now} if (f in then, then.get(f)) != (f in now, now.get(f))]
+        else:
+            out.append(f"{key}: {_shown(saved, key)} in the checkpoint, {now!r} now")
+    return out
+
+
+def _shown(d: dict, key: str) -> str:
+    return repr(d[key]) if key in d else "(absent)"
+
+
+def _check_resume(ckpt: Path, saved: dict, identity: dict) -> None:
+    """Refuse a checkpoint of another run, saying what differs.
+
+    A checkpoint written before the identity held the objective and the data still resumes:
+    what it records is compared, with a warning about what it does not.
+    """
+    unrecorded = [key for key in LATER_IDENTITY_KEYS if key not in saved]
+    differences = identity_differences(
+        saved, {k: v for k, v in identity.items() if k not in unrecorded})
+    if differences:
+        raise ValueError(f"{ckpt} belongs to a different run: {'; '.join(differences)}. "
+                         "Use a new out_dir or delete the checkpoint")
+    if unrecorded:
+        warnings.warn(f"{ckpt} records no {', '.join(unrecorded)}: resuming without checking them",
+                      stacklevel=3)
+
+
+def _all_finite(loss_sum: torch.Tensor, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the epoch's loss and everything a checkpoint would hold is finite: one host sync."""
+    tensors = [loss_sum, *model.state_dict().values(),
+               *(v for state in optimizer.state.values() for v in state.values()
+                 if isinstance(v, torch.Tensor))]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors
+                             if t.is_floating_point()]).all())
+
+
+def _check_each_step(device: torch.device) -> bool:
+    """Whether to check every step's loss: free on the CPU, a host sync per step elsewhere."""
+    return device.type == "cpu"
+
+
+def _diverged(problem: str, epoch: int, epochs: int, ckpt: Path) -> FloatingPointError:
+    """The error for a run that went NaN/inf in epoch ``epoch`` (0-based)."""
+    kept = (f"{ckpt} keeps the run after epoch {epoch}/{epochs}" if epoch
+            else "no checkpoint was written")
+    return FloatingPointError(f"training diverged: {problem}; {kept} (a lower lr may help)")
+
+
 def train(model: torch.nn.Module, split: Split, objective: Objective, config: TrainConfig,
           out_dir: str | Path, device="cpu", run_info: dict | None = None) -> list[dict]:
     """Train ``model`` in place on ``split``, resuming from ``out_dir`` if a checkpoint is there.
 
     Writes ``checkpoint.safetensors`` (+ ``.json``) after every epoch and one JSON line per epoch
-    to ``metrics.jsonl``.  ``run_info`` (model name, objective and its hyper-parameters, data set)
-    is stored with the checkpoint; a resume with a different config or run_info is refused.
+    to ``metrics.jsonl``.  The checkpoint records the run's identity: the config, ``run_info``
+    (model name, data set, ...), the objective's ``spec`` and a fingerprint of ``split``; a resume
+    that differs in any of them is refused, naming what differs.  A NaN/inf loss or weight stops
+    the run with a FloatingPointError before its checkpoint is written (on the CPU the loss is
+    checked at every step, elsewhere once per epoch, to spare a host sync per step).
     Returns the metrics of every epoch, earlier runs' epochs included.
     """
+    if len(split) == 0:
+        raise ValueError("split is empty: there is nothing to train on")
     device = torch.device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,16 +228,14 @@ def train(model: torch.nn.Module, split: Split, objective: Objective, config: Tr
     optimizer = make_optimizer(model, config)
     batches = Batches(split, config.batch_size, device, shuffle=True, augment=config.augment,
                       drop_last=False, seed=config.seed)
-    identity = {"config": config.to_json(), "run": run_info or {}}
+    identity = run_identity(config, objective, split, run_info)
 
     history: list[dict] = []
     start_epoch = 0
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         meta = checkpoint.read_meta(ckpt)
-        if meta.get("identity") != json.loads(json.dumps(identity)):
-            raise ValueError(f"{ckpt} belongs to a different run (config or run_info differ); "
-                             "use a new out_dir or delete the checkpoint")
+        _check_resume(ckpt, meta.get("identity", {}), identity)
         checkpoint.load(ckpt, model, optimizer)
         start_epoch, history = meta["epoch"] + 1, meta["history"]
     # Lines past the checkpoint come from an epoch that died before its checkpoint landed.
@@ -152,10 +252,18 @@ def train(model: torch.nn.Module, split: Split, objective: Objective, config: Tr
                    disable=not config.progress_bar, leave=False)
         for i, (x, y) in enumerate(bar):
             step = epoch * len(batches) + i
-            loss, hits = train_step(model, optimizer, objective, x, y, step / total_steps,
-                                    learning_rate(config, step, total_steps))
+            try:
+                loss, hits = train_step(model, optimizer, objective, x, y, step / total_steps,
+                                        learning_rate(config, step, total_steps),
+                                        check_finite=_check_each_step(device))
+            except FloatingPointError as e:
+                raise _diverged(f"{e} at epoch {epoch + 1}/{config.epochs}, step "
+                                f"{i + 1}/{len(batches)}", epoch, config.epochs, ckpt) from None
             loss_sum += loss * len(y)
             correct += hits
+        if not _all_finite(loss_sum, model, optimizer):
+            raise _diverged(f"the loss or the weights are not finite after epoch "
+                            f"{epoch + 1}/{config.epochs}", epoch, config.epochs, ckpt)
         seconds = time.perf_counter() - t0
         n = len(split)
         record = {"epoch": epoch, "loss": loss_sum.item() / n, "train_acc": correct.item() / n,
