@@ -153,7 +153,7 @@ def ibp_stage(model, x, eps, C, dtype, method, in_place=False, sound=False):
                                           f"; use method='ibp'")
     if needs_clean(seq):
         clean_walk(seq, x)
-    budget = rounding.Budget(x, eps, _forward_dtype(model, dtype)) if sound else None
+    budget = rounding.Budget(x, eps, _forward_dtype(model, dtype), method != "ibp") if sound else None
     # CROWN concretises over the input box in pixel space; IBP starts from it pushed through
     # the model's input normalisation, which ops.input_box folds into the same pass over x.
     box = None if method == "ibp" else input_box(x, eps)

@@ -7,7 +7,8 @@ else, and bounding the stock layer instead would certify points the model miscla
 module is accepted only when its class runs the stock methods of a layer the engine knows and
 no hook can change its output; anything else raises ``TypeError`` naming the module and why.
 
-Masks: torch.nn.utils.prune's forward pre-hook computes ``weight = weight_orig * weight_mask``
+Masks: ``nn.MaskedLinear`` / ``nn.MaskedConv2d`` apply their ``weight_mask``, and the engine reads
+it. torch.nn.utils.prune's forward pre-hook computes ``weight = weight_orig * weight_mask``
 (likewise for a pruned bias); it is the one hook accepted, and the engine reads the product
 from the same two tensors. A ``weight_mask`` buffer without that hook is ignored, as the
 module's forward ignores it. New-style parametrizations (torch.nn.utils.parametrize) keep the
@@ -20,12 +21,15 @@ from torch.nn.modules import module as module_globals
 from torch.nn.utils import prune
 
 from ..models import Normalize, PreActBlock
+from ..nn import MaskedConv2d, MaskedLinear
 from .layers import (AvgPool, BatchNorm, Conv, Flatten, Linear, MaxPool, Op, ReLU, Residual,
                      Scale)
 
 # Known layers and the methods of theirs that decide what their forward computes. A subclass
 # may add anything else (extra_repr, init helpers) but must inherit these.
 _STOCK_METHODS = {
+    MaskedLinear: ("forward",),   # before their bases: isinstance picks the first match
+    MaskedConv2d: ("forward", "_conv_forward"),
     nn.Sequential: ("forward", "__iter__"),
     nn.Linear: ("forward",),
     nn.Conv2d: ("forward", "_conv_forward"),
@@ -76,9 +80,10 @@ def _check_stock(module: nn.Module, base, label: str):
                         "output; for weight normalisation use the parametrized form "
                         "(torch.nn.utils.parametrizations.weight_norm)")
     pruned = [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
-    if pruned and not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise TypeError(f"unsupported layer {label}: torch.nn.utils.prune is supported on "
-                        "Linear and Conv2d layers only")
+    if pruned and (not isinstance(module, (nn.Linear, nn.Conv2d))
+                   or isinstance(module, (MaskedLinear, MaskedConv2d))):
+        raise TypeError(f"unsupported layer {label}: torch.nn.utils.prune is supported on plain "
+                        "Linear and Conv2d layers only (masked layers carry their own mask)")
 
 
 def _check_global_hooks():
@@ -100,7 +105,10 @@ def _pruned_tensor(module: nn.Module, name: str):
 
 def _affine(module, label, dtype):
     """Linear / Conv op with the weight, bias and mask module's forward applies."""
-    weight, mask = _pruned_tensor(module, "weight")
+    if isinstance(module, (MaskedLinear, MaskedConv2d)):
+        weight, mask = module.weight, module.weight_mask
+    else:
+        weight, mask = _pruned_tensor(module, "weight")
     bias, bias_mask = _pruned_tensor(module, "bias")
     if bias_mask is not None:
         bias = bias * bias_mask
@@ -123,7 +131,7 @@ def _compile(module: nn.Module, name: str, dtype) -> list[Op]:
         # _modules, not named_children(): a module instance used twice runs twice.
         return [op for child_name, child in module._modules.items()
                 for op in _compile(child, f"{name}.{child_name}" if name else child_name, dtype)]
-    if base in (nn.Linear, nn.Conv2d):
+    if base in (nn.Linear, nn.Conv2d, MaskedLinear, MaskedConv2d):
         return [_affine(module, label, dtype)]
     if base is nn.ReLU:
         return [ReLU(label)]

@@ -74,9 +74,13 @@ def backward_scale(A: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | N
     """Step back through the element-wise affine map ``y = h * scale + shift``.
 
     scale, shift broadcast against the neuron shape (per-channel (C, 1, 1) for batch norm and
-    input normalisation).  Returns (A * scale, sum_n A * shift of shape (B, S) or None).
+    input normalisation).  Returns (A * scale, sum_n A * shift of shape (B, S) or None).  The
+    sum runs in float64: over the thousands of input pixels a float32 sum would round far more
+    than the rest of the step (the sound bounds of ``bounds.rounding`` count on it).
     """
-    bias_term = None if shift is None else _sum_neurons(A * shift)
+    if shift is None:
+        return A * scale, None
+    bias_term = _sum_neurons(A.double() * shift.double()).to(A.dtype)
     return A * scale, bias_term
 
 

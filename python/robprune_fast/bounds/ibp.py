@@ -30,19 +30,22 @@ def walk(seq, c, r, keep_pending=False, in_place=False, budget=None):
     pending = False
     for op in seq:
         op.in_shape = tuple(c.shape[1:])
+        if isinstance(op, ReLU):
+            if pending:  # ReLU after ReLU: the true (non-negative) input box
+                c, r = reference.relu_box(c, r)
+            if budget is not None:
+                budget.through_relu(op, c, r)
+            if in_place:
+                c, r = (ops.unchecked.relu_box_(c, r, check_radius=False)
+                        if c.stride() == r.stride() else reference.relu_box(c, r))
+            else:
+                op.record(c, r)
+                pending = True
+            op.out_shape = tuple(c.shape[1:])
+            continue
         if budget is not None:
             h = budget.magnitude(c, r)
-            if isinstance(op, ReLU):
-                op.slack = budget.slack()
-        if isinstance(op, ReLU) and in_place:
-            c, r = (ops.unchecked.relu_box_(c, r, check_radius=False) if c.stride() == r.stride()
-                    else reference.relu_box(c, r))
-        elif isinstance(op, ReLU):
-            if pending:  # ReLU after ReLU: record the true (non-negative) input box
-                c, r = reference.relu_box(c, r)
-            op.record(c, r)
-            pending = True
-        elif pending and op.fuses_relu:
+        if pending and op.fuses_relu:
             c, r = op.ibp(c, r, relu_in=True)
             pending = False
         else:
@@ -53,7 +56,10 @@ def walk(seq, c, r, keep_pending=False, in_place=False, budget=None):
         op.out_shape = tuple(c.shape[1:])
         if budget is not None and not isinstance(op, Residual):
             budget.T = op.rounding(budget.T, h, budget)
-            budget.relu_magnitude = h if isinstance(op, ReLU) else None
+            # A reshape passes what a ReLU let through on to the next op.
+            budget.relu_magnitude = (op.rounding(budget.relu_magnitude, None, budget)
+                                     if op.commutes_with_relu and budget.relu_magnitude is not None
+                                     else None)
     if keep_pending:
         return c, r, pending
     return reference.relu_box(c, r) if pending else (c, r)

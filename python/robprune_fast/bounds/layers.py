@@ -64,12 +64,17 @@ class Affine(Op):
             self._abs_weight = self.effective_weight().detach().abs()
         return self._abs_weight
 
-    def _bias_rounding(self, budget):
-        """gamma of the sums over all output neurons (CROWN's bias terms) times |b|, or 0."""
+    def _rounding(self, T, h, budget, fan_in, fan_out, product):
+        """|W| (T + gamma h) + gamma_b |b|: the forward's and IBP's dot products sum fan_in
+        terms (and the bias); CROWN's transposed products sum fan_out, and its bias terms sum
+        over every output neuron."""
+        g = budget.gamma((max(fan_in, fan_out) if budget.crown else fan_in) + 2)
+        out = product(T + g * h, self.abs_weight())
         if self.bias is None:
-            return 0
+            return out
+        terms = math.prod(self.out_shape) if budget.crown else 1
         view = (-1,) + (1,) * (len(self.out_shape) - 1)
-        return budget.gamma(math.prod(self.out_shape) + 2) * self.bias.detach().abs().view(view)
+        return out + budget.gamma(terms + 2) * self.bias.detach().abs().view(view)
 
 
 class Linear(Affine):
@@ -85,8 +90,7 @@ class Linear(Affine):
 
     def rounding(self, T, h, budget):
         out_features, in_features = self.weight.shape
-        g = budget.gamma(max(in_features, out_features) + 2)  # forward / IBP, and A W
-        return F.linear(T + g * h, self.abs_weight()) + self._bias_rounding(budget)
+        return self._rounding(T, h, budget, in_features, out_features, F.linear)
 
 
 def conv_padding(module: nn.Conv2d):
@@ -129,14 +133,12 @@ class Conv(Affine):
                                      **self.geometry)
 
     def rounding(self, T, h, budget):
-        groups = self.geometry["groups"]
-        taps = math.prod(self.weight.shape[2:])
         # Each output sums C_in/groups * taps products; each input of the transposed step
         # (CROWN) gathers at most C_out/groups * taps.
-        terms = max(self.weight.shape[1], self.weight.shape[0] // groups) * taps
-        g = budget.gamma(terms + 2)
-        return (F.conv2d(T + g * h, self.abs_weight(), None, **self.geometry)
-                + self._bias_rounding(budget))
+        taps = math.prod(self.weight.shape[2:])
+        fan_in, fan_out = self.weight.shape[1] * taps, self.weight.shape[0] // self.geometry["groups"] * taps
+        return self._rounding(T, h, budget, fan_in, fan_out,
+                              lambda v, w: F.conv2d(v, w, None, **self.geometry))
 
 
 class Scale(Op):
@@ -159,10 +161,11 @@ class Scale(Op):
         return steps.backward_scale(A, self.scale, self.shift)
 
     def rounding(self, T, h, budget):
+        # A few element-wise operations per neuron (CROWN's sum of the shift over all neurons
+        # runs in float64, see crown_steps.backward_scale).
         shift = self.shift.abs() if self.shift_magnitude is None else self.shift_magnitude
-        # A few element-wise operations per neuron; CROWN's bias term sums over all neurons.
-        g, g_sum = budget.gamma(8), budget.gamma(math.prod(self.in_shape) + 8)
-        return (T + g * h) * self.scale.detach().abs() + g_sum * shift.detach()
+        g = budget.gamma(8)
+        return (T + g * h) * self.scale.detach().abs() + g * shift.detach()
 
 
 class BatchNorm(Scale):
@@ -318,11 +321,6 @@ class ReLU(Op):
 
     def clean(self, x):
         return torch.relu(x)
-
-    def rounding(self, T, h, budget):
-        # The box through ReLU and CROWN's relaxation (slopes, intercepts, A times slopes)
-        # are a few element-wise operations on values of size <= h.
-        return T + budget.gamma(16) * h
 
 
 class Residual(Op):

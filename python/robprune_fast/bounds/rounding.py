@@ -15,21 +15,24 @@ layers after it:
 
     T_in = gamma_8 * h_0,     T_out = |W| (T + gamma_w * h) + gamma_b * |b|   (linear, conv)
 
-where h is an upper bound of |x| over the layer's input box (|centre| + radius, the maximum
-over the batch, so T costs one extra GEMM row per layer, not one per input), gamma_w covers the
-layer's dot products (fan-in for the forward and IBP, fan-out for CROWN's A W) and gamma_b the
-sums over all the layer's neurons (CROWN's bias terms). Element-wise maps scale T by |scale|,
-pooling pools it, a ReLU adds gamma_16 * h for its relaxation. By induction (each layer's
-magnitude map bounds how an error at its input moves its output), T bounds:
+per input, where h is an upper bound of |x| over the layer's input box (|centre| + radius),
+gamma_w covers the layer's dot products (fan-in for the forward and IBP, fan-out for CROWN's
+A W) and gamma_b the sums over all the layer's neurons (CROWN's bias terms). Element-wise maps
+scale T by |scale|, pooling pools it. A ReLU stops T at neurons it proves inactive (0 in every
+computation) and adds gamma_16 * h at unstable ones for the relaxation. T costs one more GEMM
+per layer, like the radius. By induction (each layer's magnitude map bounds how an error at
+its input moves its output), T bounds:
   - the model's own forward: |f_float(x) - f(x)| <= T for every x in the ball;
   - the IBP computation: centre and radius each within T of their exact values;
   - a CROWN sweep from a specification C: its bound within |C| T of the exact-arithmetic
     one (the A matrices' errors at every step are |A| times a local term of T, and |A| is at
     most |C| times the magnitudes of the layers after; relaxation slopes lie in [0, 1]).
-So a bound moved outward by KAPPA * |C| T (KAPPA = 4 >= 2 for the computation + 1 for the
-forward, with slack for second-order terms) holds for the exact network and for the model's
-float forward, and every intermediate bound moved outward by KAPPA * T holds for the exact
-pre-activations that the relaxations need. CROWN's last step, the concretisation over the input
+(For IBP the errors of centre and radius together stay within T, since h = |centre| + radius
+covers both.) So a bound moved outward by KAPPA * |C| T (KAPPA = 3 >= 1 for the computation +
+1 for the forward, with room for second-order terms: the rounding of T itself, products of
+(1 + gamma)) holds for the exact network and for the model's float forward, and every
+intermediate bound moved outward by KAPPA * T holds for the exact pre-activations that the
+relaxations need. CROWN's last step, the concretisation over the input
 box (a sum over every input pixel), runs in float64.
 
 What is guaranteed. A certificate covers the model as the engine reads it, evaluated in the
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-KAPPA = 4.0
+KAPPA = 3.0
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -59,37 +62,55 @@ def gamma(n: int, dtype: torch.dtype) -> float:
 
 
 def magnitude(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """An upper bound of |x| over the box (c, r), the largest over the batch: (1, *shape)."""
-    return (c.abs() + r).amax(0, keepdim=True)
+    """An upper bound of |x| over the box (c, r), per input."""
+    return c.abs() + r
 
 
 class Budget:
     """The rounding budget T of one bound computation, carried through the walk (see above).
 
-    ``T`` has shape (1, *neurons) of the layer reached. Ops move it with their ``rounding``
-    method; ReLUs keep KAPPA * T of their input as ``slack`` for their pre-activation bounds.
+    ``T`` has the shape (B, *neurons) of the layer reached: one budget per input, so a point's
+    certificate never depends on the batch it came in. Ops move it with their ``rounding``
+    method; a ReLU moves it itself (``through_relu``) and keeps KAPPA * T of its input as
+    ``slack`` for its pre-activation bounds.
     """
 
-    def __init__(self, x: torch.Tensor, eps: torch.Tensor, forward_dtype: torch.dtype):
+    def __init__(self, x: torch.Tensor, eps: torch.Tensor, forward_dtype: torch.dtype,
+                 crown: bool):
         """The budget at the input: x (B, ...) in [0, 1], its ball clipped to [0, 1].
         forward_dtype: the dtype the model's own forward runs in; the budget takes the unit
-        roundoff of the coarser of it and x's (the engine's)."""
+        roundoff of the coarser of it and x's (the engine's). crown: a CROWN sweep will run,
+        whose transposed products and bias sums round too (IBP alone needs neither)."""
         coarser = max((x.dtype, forward_dtype), key=unit_roundoff)
-        self.dtype = coarser
-        self.T = gamma(8, coarser) * (x + eps).clamp(max=1).amax(0, keepdim=True).to(x.dtype)
+        self.dtype, self.crown = coarser, crown
+        self.T = gamma(8, coarser) * (x + eps).clamp(max=1)
         self.relu_magnitude = None
 
     def magnitude(self, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """|input| of the next op. Right after a ReLU it is the ReLU's own input magnitude (a
-        ReLU only shrinks it), whether its box went through the ReLU in place or is still
-        pending: both paths then carry the same budget."""
+        """|input| of the next op. Right after a ReLU it is what the ReLU lets through (its
+        widened upper bound, clipped at 0), whether the box went through the ReLU in place or
+        is still pending: both paths then carry the same budget."""
         return self.relu_magnitude if self.relu_magnitude is not None else magnitude(c, r)
+
+    def through_relu(self, relu, c: torch.Tensor, r: torch.Tensor) -> None:
+        """The budget through a ReLU whose input box is (c, r). Where the widened upper bound is
+        <= 0 the neuron is 0 in the exact network and in the float forward alike (and CROWN's
+        relaxation multiplies it by an exact 0): its budget stops there. Where the widened
+        lower bound is >= 0 the ReLU is the identity. Only unstable neurons add the rounding of
+        their relaxation."""
+        slack = KAPPA * self.T
+        relu.slack = slack
+        upper, lower = c + r + slack, c - r - slack
+        live = upper > 0
+        unstable = live & (lower < 0)
+        self.T = torch.where(live, self.T, 0) + torch.where(unstable, self.gamma(16) * (c.abs() + r), 0)
+        self.relu_magnitude = torch.relu(upper)
 
     def gamma(self, n: int) -> float:
         return gamma(n, self.dtype)
 
     def slack(self, C: torch.Tensor | None = None) -> torch.Tensor:
-        """KAPPA * T, or KAPPA * |C| T per specification row: (1, *neurons) or (B, S)."""
+        """KAPPA * T, or KAPPA * |C| T per specification row: (B, *neurons) or (B, S)."""
         if C is None:
             return KAPPA * self.T
         return KAPPA * (C.abs() @ self.T.flatten(1).unsqueeze(-1)).squeeze(-1)
