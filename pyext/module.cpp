@@ -1,8 +1,8 @@
 // The binding layer: operator schemas (TORCH_LIBRARY), their CPU and CUDA registrations, and
 // the Python module robprune_fast._C, whose import loads them into torch.ops.robprune_fast.
-// Autograd formulas and fake (meta) kernels are registered from Python, in ops.py.
-#include "../csrc/interval/crown_affine_ops.h"
-#include "../csrc/interval/crown_relu_ops.h"
+// Autograd formulas and fake (meta) kernels are registered from Python, in the op families'
+// modules of python/robprune_fast/ops/.
+#include "../csrc/crown/crown_ops.h"
 #include "../csrc/interval/interval_ops.h"
 
 #include <torch/library.h>
@@ -61,8 +61,9 @@ TORCH_LIBRARY(robprune_fast, m) {
       "(Tensor, Tensor, Tensor, Tensor)");
 }
 
-// One implementation per op serves both devices: it picks the CPU or CUDA box kernels from
-// the input's device (csrc/interval/interval_ops.cpp), so both registrations are this list.
+// One implementation per op serves both devices: it picks the CPU or CUDA kernels of its family
+// from the input's device (csrc/<family>/<family>_ops.cpp), so both registrations are these
+// lists.
 static void register_interval_ops(torch::Library& m) {
   m.impl("masked_weight_pair", &robprune::masked_weight_pair);
   m.impl("input_box", &robprune::input_box);
@@ -71,6 +72,9 @@ static void register_interval_ops(torch::Library& m) {
   m.impl("interval_linear_backward", &robprune::interval_linear_backward);
   m.impl("interval_conv2d", &robprune::interval_conv2d);
   m.impl("interval_conv2d_backward", &robprune::interval_conv2d_backward);
+}
+
+static void register_crown_ops(torch::Library& m) {
   m.impl("crown_relu_backward", &robprune::crown_relu_backward);
   m.impl("crown_relu_backward_grad", &robprune::crown_relu_backward_grad);
   m.impl("crown_linear_backward", &robprune::crown_linear_backward);
@@ -79,10 +83,15 @@ static void register_interval_ops(torch::Library& m) {
   m.impl("crown_conv2d_backward_grad", &robprune::crown_conv2d_backward_grad);
 }
 
-TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_interval_ops(m); }
+static void register_ops(torch::Library& m) {
+  register_interval_ops(m);
+  register_crown_ops(m);
+}
+
+TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_ops(m); }
 
 #ifdef ROBPRUNE_WITH_CUDA
-TORCH_LIBRARY_IMPL(robprune_fast, CUDA, m) { register_interval_ops(m); }
+TORCH_LIBRARY_IMPL(robprune_fast, CUDA, m) { register_ops(m); }
 #endif
 
 PYBIND11_MODULE(_C, module) {
@@ -98,4 +107,6 @@ PYBIND11_MODULE(_C, module) {
     info["torch_version"] = std::string(TORCH_VERSION);
     return info;
   }, "What this build of the extension compiled: CUDA kernels or not, archs, torch version.");
+  module.def("_recorded_weight_pairs", &robprune::recorded_weight_pairs,
+             "How many weight pairs the registry of masked_weight_pair holds (for tests).");
 }

@@ -64,7 +64,7 @@ stage sanitizer 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY -m pytest -q -x -p no:cacheprovider -k "cuda and float32" \
   tests/test_interval_linear.py tests/test_interval_conv2d.py tests/test_input_box.py \
   tests/test_relu_box_.py tests/test_crown_relu_backward.py tests/test_crown_linear_backward.py \
-  tests/test_crown_conv2d_backward.py tests/test_masked_weight_pair.py
+  tests/test_crown_conv2d_backward.py tests/test_masked_weight_pair.py tests/test_degenerate_shapes.py
 
 tail -n 40 "$LOG"
 exit $status

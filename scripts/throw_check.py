@@ -4,7 +4,8 @@ On the one GPU machine this was tried on, every failing TORCH_CHECK in robprune_
 killed the process (segmentation fault) instead of raising. This tells apart the extension's
 own paths from a one-function inline extension built by the same compiler: if the inline one
 crashes too, the machine's toolchain is at fault, not this project's code. Each case runs in
-its own process; exits non-zero if any case crashed.
+its own process; exits non-zero if any case crashed. tests/test_errors_raise.py runs every op's
+failing checks the same way, in one subprocess.
 """
 import subprocess
 import sys

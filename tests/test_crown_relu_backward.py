@@ -134,3 +134,46 @@ def test_channels_last_A(upper_side, shared):
     torch.autograd.backward(want, cot)
     for name, a, b in zip(("A", "lower", "upper"), ins_a, ins_b):
         torch.testing.assert_close(a.grad, b.grad, msg=f"grad of {name}")
+
+
+# Bounds whose width u - l is not finite: it overflows (float32 / float64), or a bound is
+# infinite. Each pair (l, u) is one neuron of a (1, 5) bound, the others ordinary.
+NON_FINITE = {
+    torch.float32: [(-2e38, 2e38), (-3e38, 1e38), (-float("inf"), 1.0), (1.0, float("inf")),
+                    (-float("inf"), -1.0)],
+    torch.float64: [(-1e308, 1e308), (-1.7e308, 0.5e308), (-float("inf"), 1.0),
+                    (1.0, float("inf")), (-float("inf"), float("inf"))],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("upper_side", [False, True])
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("specs", [1, 4], ids=["one_row", "shared_lines"])
+def test_non_finite_width_gives_nan(device, dtype, upper_side, case, specs):
+    """Overflow never tightens the relaxation: where l, u or u - l is not finite (the chord's
+    slope u / (u - l) would round to 0 and drop the neuron), the lines are NaN, and so is every
+    bound through them, which never certifies. The other batch element is untouched. Kernel
+    and twin agree, values and gradients."""
+    l0, u0 = NON_FINITE[dtype][case]
+    lower = torch.tensor([[-1.0, l0, 0.5, -2.0, -0.5], [-1.0, -1.0, 0.5, -2.0, -0.5]], dtype=dtype)
+    upper = torch.tensor([[1.0, u0, 2.0, -1.0, 3.0], [1.0, 2.0, 2.0, -1.0, 3.0]], dtype=dtype)
+    slopes = reference.relu_relaxation(lower, upper)
+    for t in slopes:
+        assert torch.isnan(t[0, 1]) and torch.isfinite(t[1]).all() and torch.isfinite(t[0, [0, 2, 3, 4]]).all()
+    A = torch.randn(2, specs, 5, dtype=dtype)
+    A[0, 0, 1] = 0.0  # a zero coefficient is no way around it
+    ins = [[t.to(device).requires_grad_(True) for t in (A, lower, upper)] for _ in range(2)]
+    got = ops.crown_relu_backward(*ins[0], upper_side=upper_side)
+    want = reference.crown_relu_backward(*ins[1], upper_side=upper_side)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, **TOL[dtype])
+    new_A, bias = got
+    assert torch.isnan(new_A[0, :, 1]).all() and torch.isnan(bias[0]).all()
+    assert torch.isfinite(new_A[1]).all() and torch.isfinite(bias[1]).all()
+    cot = [torch.randn_like(w) for w in want]
+    torch.autograd.backward(got, cot)
+    torch.autograd.backward(want, cot)
+    for name, a, b in zip(("A", "lower", "upper"), *ins):
+        torch.testing.assert_close(a.grad, b.grad, equal_nan=True, **TOL[dtype], msg=f"grad of {name}")

@@ -126,19 +126,6 @@ def test_bad_input(change, match):
         ops.interval_conv2d(**args)
 
 
-def test_cpp_checks_without_python_wrapper():
-    op = torch.ops.robprune_fast.interval_conv2d
-    c, r, w = torch.randn(2, 4, 8, 8), torch.rand(2, 4, 8, 8), torch.randn(2, 4, 3, 3)
-    with pytest.raises(RuntimeError, match="stride must be two positive ints"):
-        op(c, r, w, None, None, None, [0, 1], [0, 0], [1, 1], 1, False, False)
-    with pytest.raises(RuntimeError, match="groups must be positive"):
-        op(c, r, w, None, None, None, [1, 1], [0, 0], [1, 1], 0, False, False)
-    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
-        op(c, r, w, None, None, None, [1, 1], [0, 0], [5, 5], 1, False, False)
-    with pytest.raises(RuntimeError, match="radius must be >= 0"):
-        op(c, -r - 1, w, None, None, None, [1, 1], [0, 0], [1, 1], 1, False, False)
-
-
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
 def test_engine_entry(options):
     t = conv_inputs(2, 4, 6, 7, 3, 2, torch.float32, "cpu", mask="random")

@@ -145,22 +145,6 @@ def test_bad_radius_values(bad):
         ops.interval_linear(torch.randn(3, 4), radius, torch.randn(2, 4))
 
 
-def test_cpp_checks_without_python_wrapper():
-    """Direct torch.ops calls skip ops.py's checks; TORCH_CHECK refuses the same input."""
-    op = torch.ops.robprune_fast.interval_linear
-    c, r, w = torch.randn(3, 4), torch.rand(3, 4), torch.randn(2, 4)
-    with pytest.raises(RuntimeError, match="radius must have the shape of center"):
-        op(c, torch.rand(3, 5), w, None, None, None, False, False)
-    with pytest.raises(RuntimeError, match="center must be float32 or float64"):
-        op(c.half(), r.half(), w.half(), None, None, None, False, False)
-    with pytest.raises(RuntimeError, match="mask must have the shape of weight"):
-        op(c, r, w, None, torch.ones(4, 2), None, False, False)
-    with pytest.raises(RuntimeError, match="weight_pair must have shape"):
-        op(c, r, w, None, None, torch.ones(2, 4), False, False)
-    with pytest.raises(RuntimeError, match="bias must have shape"):
-        op(c, r, w, torch.ones(3), None, None, False, False)
-
-
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
 def test_engine_entry(options):
     t = linear_inputs((3,), 5, 4, torch.float32, "cpu", mask="random")

@@ -101,15 +101,34 @@ def test_bad_input(make, match, error):
         ops.relu_box_(*make(center, radius))
 
 
-def test_cpp_checks():
-    op = torch.ops.robprune_fast.relu_box_
-    center, radius = make_box((4, 6), torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="dense and laid out alike"):
-        op(center[:, ::2], radius[:, ::2])
-    with pytest.raises(RuntimeError, match="radius must have the shape of center"):
-        op(center, radius[:2])
-    with pytest.raises(RuntimeError, match="unsupported operation|overlap"):
-        both = torch.rand(4, 6)
-        op(both, both)
-    with pytest.raises(RuntimeError, match="radius must be >= 0"):
-        op(center.clone(), torch.full_like(radius, float("nan")))
+# Boxes near the top of the float range, (centre, radius): the first fits, but the sum of its
+# ReLU'd bounds overflows; the second's upper bound overflows; the last has an infinite radius
+# around a finite centre.
+HUGE = {torch.float32: [(2.5e38, 5e37), (3e38, 3e38), (1.0, float("inf"))],
+        torch.float64: [(1.5e308, 2.5e307), (1.7e308, 1.7e308), (1.0, float("inf"))]}
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", range(3))
+def test_overflow_never_shrinks_the_box(device, dtype, case):
+    """Overflow in the ReLU of a box (the relu_in prologue, relu_box_, the twin) may widen the
+    box to infinity, never make it smaller than the exact one: its lower bound stays below the
+    exact ReLU'd lower bound and its upper bound above the exact upper one (to the soundness
+    slack), or they are NaN, which never certifies."""
+    c0, r0 = HUGE[dtype][case]
+    center = torch.tensor([c0, -1.0, 0.5], dtype=dtype, device=device)
+    radius = torch.tensor([r0, 0.5, 1.0], dtype=dtype, device=device)
+    exact_lo, exact_hi = torch.relu(center - radius), torch.relu(center + radius)
+    slack_lo = SOUND_SLACK[dtype] * (1 + exact_lo.abs())
+    slack_hi = SOUND_SLACK[dtype] * (1 + exact_hi.abs())
+    eye = torch.eye(3, dtype=dtype, device=device)
+    outputs = {"relu_box_": ops.relu_box_(center.clone(), radius.clone()),
+               "twin": reference.relu_box(center, radius)}
+    outputs = {name: (c - r, c + r) for name, (c, r) in outputs.items()}
+    for name, fn in (("interval_linear", ops.interval_linear), ("interval_linear twin", reference.interval_linear)):
+        lower, upper = fn(center[None], radius[None], eye, None, None, True, True)
+        outputs[name] = lower[0], upper[0]
+    for name, (lower, upper) in outputs.items():
+        assert not bool((lower > exact_lo + slack_lo).any()), f"{name}: lower {lower} above {exact_lo}"
+        assert not bool((upper < exact_hi - slack_hi).any()), f"{name}: upper {upper} below {exact_hi}"

@@ -1,20 +1,46 @@
-// Interval linear / conv2d: argument checks, then one algorithm for both layer kinds,
-// templated on the contraction (contractions.h) and run with the box kernels of the input's
-// device (box_kernels.h).
+// The interval family's ops: argument checks, then one algorithm for both devices, run with
+// the kernels of the input's device (interval_kernels.h); interval_linear and interval_conv2d
+// share one algorithm, templated on the layer's contraction (contractions.h).
 #include "interval_ops.h"
 
-#include "box_kernels.h"
-#include "contractions.h"
-#include "layer_args.h"
+#include "interval_kernels.h"
+#include "weight_pair_registry.h"
 
 #include <robprune/backend.h>
 #include <robprune/checks.h>
+#include <robprune/contractions.h>
+#include <robprune/layer_args.h>
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/eq.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/isnan.h>
+#include <c10/util/accumulate.h>
+
+#include <vector>
 
 namespace robprune {
 namespace {
+
+// Every pair masked_weight_pair made. Never destroyed: ops may still run while static
+// destructors do at exit.
+WeightPairRegistry& pair_registry() {
+  static auto* registry = new WeightPairRegistry();
+  return *registry;
+}
+
+// masked_weight_pair's kernel, for arguments already checked; the pair is not recorded.
+at::Tensor make_weight_pair(const at::Tensor& weight, const c10::optional<at::Tensor>& mask) {
+  return with_backend(weight, [&](auto tag) {
+    using K = IntervalKernels<typename decltype(tag)::type>;
+    return K::weight_pair(weight_like(weight, weight), weight_like(mask, weight));
+  });
+}
+
+// Whether a and b (same shape) hold the same values, NaN matching NaN.
+bool same_values(const at::Tensor& a, const at::Tensor& b) {
+  return at::eq(a, b).logical_or_(at::isnan(a).logical_and_(at::isnan(b))).all().item<bool>();
+}
 
 // Shared checks of an interval layer's arguments; weight_dim is 2 (linear) or 4 (conv2d).
 void check_interval_args(const at::Tensor& center, const at::Tensor& radius,
@@ -25,6 +51,13 @@ void check_interval_args(const at::Tensor& center, const at::Tensor& radius,
   check_like(radius, "radius", center, "center");
   check_same_shape(radius, "radius", center, "center");
   check_layer_weights(weight, bias, mask, weight_pair, weight_dim, center, "center");
+  if (weight_pair) check_weight_pair(*weight_pair, weight, mask);
+}
+
+// The number of rows a linear layer's input (*, in_features) holds: the product of its leading
+// dimensions (never numel / in_features, which has no answer for in_features = 0).
+int64_t linear_rows(const at::Tensor& center) {
+  return c10::multiply_integers(center.sizes().slice(0, center.dim() - 1));
 }
 
 void check_conv_input(const at::Tensor& center, const at::Tensor& weight, at::IntArrayRef stride,
@@ -49,10 +82,9 @@ std::tuple<at::Tensor, at::Tensor> affine_forward(
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight_pair,
     bool relu_in, bool out_bounds, bool check_radius) {
   return with_backend(center, [&](auto tag) {
-    using K = BoxKernels<typename decltype(tag)::type>;
+    using K = IntervalKernels<typename decltype(tag)::type>;
     auto [c, r] = K::prologue(center, radius, relu_in, /*in_place=*/false, check_radius);
-    const at::Tensor pair =
-        weight_pair ? *weight_pair : K::weight_pair(weight_like(weight, weight), weight_like(mask, weight));
+    const at::Tensor pair = weight_pair ? *weight_pair : make_weight_pair(weight, mask);
     at::Tensor a = k.forward(c, pair[0], bias);
     at::Tensor b = k.forward(r, pair[1], c10::nullopt);
     if (out_bounds) {
@@ -70,7 +102,7 @@ Grads5 affine_backward(const Contraction& k, const at::Tensor& grad_a, const at:
                        const c10::optional<at::Tensor>& weight_pair, bool relu_in,
                        bool out_bounds, std::array<bool, 5> need) {
   return with_backend(center, [&](auto tag) {
-    using K = BoxKernels<typename decltype(tag)::type>;
+    using K = IntervalKernels<typename decltype(tag)::type>;
     // The layer's output has its input's memory format (ATen's convolutions keep it), and
     // handing oneDNN gradients in that same format spares it a reorder per product.
     const auto out_format = center.suggest_memory_format();
@@ -84,7 +116,7 @@ Grads5 affine_backward(const Contraction& k, const at::Tensor& grad_a, const at:
                       : std::make_tuple(center, radius);
     const at::Tensor w = weight_like(weight, weight);
     const c10::optional<at::Tensor> m = weight_like(mask, weight);
-    const at::Tensor pair = weight_pair ? *weight_pair : K::weight_pair(w, m);
+    const at::Tensor pair = weight_pair ? *weight_pair : make_weight_pair(weight, mask);
     const bool need_in = need[0] || need[1], need_w = need_w_any(need, m);
     auto [g_c, g_wc, g_bias] = k.backward(g_out_c, c, pair[0], {need_in, need_w, need[3]});
     auto [g_r, g_wr, unused] = k.backward(g_out_r, r, pair[1], {need_in, need_w, false});
@@ -118,9 +150,34 @@ at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::
     check_like(*mask, "mask", weight, "weight");
     check_same_shape(*mask, "mask", weight, "weight");
   }
+  at::Tensor pair = make_weight_pair(weight, mask);
+  pair_registry().record(pair, weight, mask);
+  return pair;
+}
+
+void check_weight_pair(const at::Tensor& weight_pair, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& mask) {
+  if (pair_registry().holds(weight_pair, weight, mask)) return;
+  // A pair masked_weight_pair did not make, or one that it made from other tensors or before
+  // a write to any of the three: one pass to check it, then it is known.
+  TORCH_CHECK(same_values(weight_pair, make_weight_pair(weight, mask)),
+              "weight_pair must be masked_weight_pair(weight, mask) of the weight and mask given, "
+              "as they are now; got another tensor (another weight's or mask's pair, a changed "
+              "pair, or one made before weight or mask was written). Pass None to have it made");
+  pair_registry().record(weight_pair, weight, mask);
+}
+
+std::size_t recorded_weight_pairs() { return pair_registry().size(); }
+
+std::tuple<at::Tensor, at::Tensor> masked_weight_grad(const at::Tensor& grad_effective,
+                                                      const at::Tensor& weight,
+                                                      const c10::optional<at::Tensor>& mask,
+                                                      bool need_weight, bool need_mask) {
   return with_backend(weight, [&](auto tag) {
-    return BoxKernels<typename decltype(tag)::type>::weight_pair(weight_like(weight, weight),
-                                                                 weight_like(mask, weight));
+    using K = IntervalKernels<typename decltype(tag)::type>;
+    const at::Tensor w = weight_like(weight, weight);
+    return K::weight_grad(weight_like(grad_effective, w), at::Tensor(), w, weight_like(mask, w),
+                          need_weight, need_mask);
   });
 }
 
@@ -134,7 +191,7 @@ void relu_box_(const at::Tensor& center, const at::Tensor& radius, bool check_ra
               center.strides(), " and ", radius.strides());
   at::assert_no_overlap(center, radius);  // each is written from both
   with_backend(center, [&](auto tag) {
-    using K = BoxKernels<typename decltype(tag)::type>;
+    using K = IntervalKernels<typename decltype(tag)::type>;
     // In place, a refusal must come before the first write: the check is a pass of its own.
     if (check_radius) K::prologue(center, radius, /*relu=*/false, /*in_place=*/true, /*check=*/true);
     K::prologue(center, radius, /*relu=*/true, /*in_place=*/true, /*check=*/false);
@@ -159,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> input_box(const at::Tensor& x, const at::Tens
   };
   const at::Tensor s = per_channel(scale, "scale", 1.0), t = per_channel(shift, "shift", 0.0);
   return with_backend(x, [&](auto tag) {
-    return BoxKernels<typename decltype(tag)::type>::input_box(x.contiguous(), eps.contiguous(), s, t);
+    return IntervalKernels<typename decltype(tag)::type>::input_box(x.contiguous(), eps.contiguous(), s, t);
   });
 }
 
@@ -176,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor> interval_linear(
               center.sizes());
   std::vector<int64_t> out_shape(center.sizes().begin(), center.sizes().end() - 1);
   out_shape.push_back(weight.size(0));
-  auto [c, r] = dense_alike(center.reshape({-1, weight.size(1)}), radius.reshape({-1, weight.size(1)}));
+  const int64_t rows = linear_rows(center), in = weight.size(1);
+  auto [c, r] = dense_alike(center.reshape({rows, in}), radius.reshape({rows, in}));
   auto [a, b] = affine_forward(LinearContraction{}, c, r, weight, bias, mask, weight_pair, relu_in,
                                out_bounds, check_radius);
   return {a.view(out_shape), b.view(out_shape)};
@@ -191,10 +249,12 @@ Grads5 interval_linear_backward(const at::Tensor& grad_a, const at::Tensor& grad
   const int64_t in = weight.size(1), out = weight.size(0);
   TORCH_CHECK(center.dim() >= 1 && center.size(-1) == in, "center's last dimension must equal ",
               "weight.size(1) (in_features = ", in, "), got shape ", center.sizes());
-  TORCH_CHECK(grad_a.numel() == center.numel() / in * out && grad_b.sizes() == grad_a.sizes(),
-              "grad_a and grad_b must have the layer's output shape");
-  auto [c, r] = dense_alike(center.reshape({-1, in}), radius.reshape({-1, in}));
-  auto grads = affine_backward(LinearContraction{}, grad_a.reshape({-1, out}), grad_b.reshape({-1, out}),
+  const int64_t rows = linear_rows(center);
+  TORCH_CHECK(grad_a.numel() == rows * out && grad_b.sizes() == grad_a.sizes(),
+              "grad_a and grad_b must have the layer's output shape (*center.shape[:-1], ", out,
+              ") for center of shape ", center.sizes(), ", got ", grad_a.sizes(), " and ", grad_b.sizes());
+  auto [c, r] = dense_alike(center.reshape({rows, in}), radius.reshape({rows, in}));
+  auto grads = affine_backward(LinearContraction{}, grad_a.reshape({rows, out}), grad_b.reshape({rows, out}),
                                c, r, weight, mask, weight_pair, relu_in, out_bounds, output_mask);
   if (output_mask[0]) std::get<0>(grads) = std::get<0>(grads).view(center.sizes());
   if (output_mask[1]) std::get<1>(grads) = std::get<1>(grads).view(center.sizes());
@@ -222,8 +282,12 @@ Grads5 interval_conv2d_backward(const at::Tensor& grad_a, const at::Tensor& grad
                                 bool out_bounds, std::array<bool, 5> output_mask) {
   check_interval_args(center, radius, weight, c10::nullopt, mask, weight_pair, 4);
   check_conv_input(center, weight, stride, padding, dilation, groups);
-  TORCH_CHECK(grad_a.dim() == 4 && grad_b.sizes() == grad_a.sizes(),
-              "grad_a and grad_b must have the layer's output shape");
+  std::vector<int64_t> out_shape{center.size(0), weight.size(0)};
+  for (int d = 0; d < 2; ++d)
+    out_shape.push_back(conv_output_size(center.size(2 + d), weight.size(2 + d), stride[d], padding[d], dilation[d]));
+  TORCH_CHECK(grad_a.sizes() == at::IntArrayRef(out_shape) && grad_b.sizes() == grad_a.sizes(),
+              "grad_a and grad_b must have the layer's output shape ", at::IntArrayRef(out_shape),
+              ", got ", grad_a.sizes(), " and ", grad_b.sizes());
   auto [c, r] = dense_alike(center, radius);
   return affine_backward(Conv2dContraction{stride, padding, dilation, groups}, grad_a, grad_b, c,
                          r, weight, mask, weight_pair, relu_in, out_bounds, output_mask);

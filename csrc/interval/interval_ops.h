@@ -1,12 +1,13 @@
-// The interval operators, as registered in pyext/module.cpp (schemas there).
+// The interval family's operators, as registered in pyext/module.cpp (schemas there), and the
+// weight helpers the other layer families share with it.
 //
 // interval_linear / interval_conv2d: the box (center, radius) of the input, optionally pushed
 // through ReLU first (relu_in), through x -> (weight * mask) x + bias. Returns the output box as
 // (center, radius), or as (lower, upper) when out_bounds. weight_pair, when given, must be
-// masked_weight_pair(weight, mask): ops.py caches it per weight version so |W * M| is made once
-// per weight update; it is a cache, not differentiated. check_radius=false skips the check
-// that radius >= 0, for a caller that made the radius itself (the bound engine); the ReLU of
-// relu_in then runs without it too.
+// masked_weight_pair(weight, mask) (check_weight_pair refuses anything else): the Python ops
+// cache it per weight version so |W * M| is made once per weight update; it is a cache, not
+// differentiated. check_radius=false skips the check that radius >= 0, for a caller that made
+// the radius itself (the bound engine); the ReLU of relu_in then runs without it too.
 //
 // The *_backward ops return (grad center, grad radius, grad weight, grad bias, grad mask); an
 // entry whose output_mask flag is false comes back as an empty tensor.
@@ -17,13 +18,35 @@
 #include <c10/util/Optional.h>
 
 #include <array>
+#include <cstddef>
 #include <tuple>
 
 namespace robprune {
 
 using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// masked_weight_pair: the (2, *weight.shape) pair (weight * mask, |weight * mask|), each half
+// laid out like weight; weight and |weight| without a mask. Recorded (weight_pair_registry.h),
+// so that check_weight_pair knows it without a pass over the weights.
 at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::Tensor>& mask);
+
+// For every op that takes a weight_pair (its shape already checked): refuses a pair that is not
+// masked_weight_pair(weight, mask) of these tensors as they are now, since the op would give
+// unsound bounds with it. O(1) for a pair masked_weight_pair made and nothing wrote to since;
+// any other pair costs one pass that recomputes it (and is then known).
+void check_weight_pair(const at::Tensor& weight_pair, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& mask);
+
+// How many pairs the registry holds (for tests: it must not grow without bound).
+std::size_t recorded_weight_pairs();
+
+// For layers that multiply by weight * mask alone (CROWN's affine steps): the gradients with
+// respect to weight and mask from grad_effective, the gradient with respect to weight * mask.
+// One pass; an output not wanted comes back undefined. Arguments as checked by the layer ops.
+std::tuple<at::Tensor, at::Tensor> masked_weight_grad(const at::Tensor& grad_effective,
+                                                      const at::Tensor& weight,
+                                                      const c10::optional<at::Tensor>& mask,
+                                                      bool need_weight, bool need_mask);
 
 // input_box: the box (centre, radius) of the L-inf ball of radius eps around x (N, C, *) clipped
 // to [0, 1], mapped through the per-channel affine h = x * scale + shift (scale, shift: (C,);

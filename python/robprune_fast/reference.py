@@ -46,7 +46,9 @@ def relu_box(center: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, 
     """Image of the box (center, radius) under ReLU, again as (center, radius)."""
     lower = torch.relu(center - radius)
     upper = torch.relu(center + radius)
-    return (upper + lower) / 2, (upper - lower) / 2
+    # Halves first: upper + lower may overflow to inf near the top of the float range, and an
+    # infinite centre with a finite radius is a box above every value it should hold.
+    return upper / 2 + lower / 2, (upper - lower) / 2
 
 
 def relu_box_(center: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +92,15 @@ def relu_relaxation(lower: torch.Tensor, upper: torch.Tensor):
     Active neurons (lower >= 0): both slopes 1.  Inactive (upper <= 0): both 0.  Unstable: the upper
     line is the chord u (z - l) / (u - l); the lower slope is CROWN's adaptive choice, 1 when
     u >= -l and 0 otherwise (the one of the two lines with the smaller area between it and ReLU).
+
+    Overflow never tightens the relaxation: where lower, upper or upper - lower is not finite
+    (the width overflowed, or a bound is infinite), the chord's slope would round to 0 and drop
+    the neuron, so all three are NaN there, and so is every bound through them (which never
+    certifies).
     """
+    finite = torch.isfinite(upper - lower)  # exactly where lower, upper and the width all are
+    # Placeholder bounds where the width is not finite, so no inf or NaN reaches autograd.
+    lower, upper = torch.where(finite, lower, -1.0), torch.where(finite, upper, 1.0)
     active = lower >= 0
     unstable = (lower < 0) & (upper > 0)
     # Guard the division outside the unstable set, so no inf/NaN reaches autograd.
@@ -99,7 +109,8 @@ def relu_relaxation(lower: torch.Tensor, upper: torch.Tensor):
     upper_slope = torch.where(unstable, chord, active.to(upper.dtype))
     upper_intercept = torch.where(unstable, -chord * lower, torch.zeros_like(upper))
     lower_slope = torch.where(unstable, (upper >= -lower).to(upper.dtype), active.to(upper.dtype))
-    return upper_slope, upper_intercept, lower_slope
+    nan = torch.full_like(upper, float("nan"))
+    return tuple(torch.where(finite, t, nan) for t in (upper_slope, upper_intercept, lower_slope))
 
 
 def crown_relu_backward(A, lower, upper, upper_side=False):

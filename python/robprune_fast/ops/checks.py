@@ -1,6 +1,7 @@
-"""The Python side of the ops' argument checks. The C++ kernels repeat them (csrc's checks.h)
-for direct ``torch.ops`` calls; here they fail before any dispatch, with the same messages,
-and guard the reference path, which checks nothing itself."""
+"""The Python side of the ops' argument checks. The C++ ops repeat them
+(csrc/include/robprune/checks.h and layer_args.h) for direct ``torch.ops`` calls; here they fail
+before any dispatch, with the same messages, and guard the reference path, which checks nothing
+itself."""
 from __future__ import annotations
 
 import torch

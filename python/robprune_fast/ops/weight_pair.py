@@ -44,7 +44,9 @@ if _C is not None:
 # bumps (optimiser steps, copy_, load_state_dict). Writes through `.data` bypass the counter,
 # and a stale |W * M| would give bounds for the wrong weights: hence a scope the caller opens
 # where it knows weights only change the visible way (evaluation, verification, PGD on bounds),
-# rather than a cache that is always on.
+# rather than a cache that is always on. The ops check every pair they are given against the
+# pairs masked_weight_pair recorded in C++ (csrc/interval/weight_pair_registry.h): O(1) for the
+# ones made here, so a pair from this cache costs no pass over the weights.
 _pair_cache = WeakIdKeyDictionary()
 _cache_depth = 0
 
@@ -74,7 +76,9 @@ def cached_weight_pair(weight: torch.Tensor, mask: torch.Tensor | None) -> torch
     # A weak reference to the mask, not its id: a new mask may reuse a freed one's address.
     if hit is not None and hit[0] == key and (hit[1]() if hit[1] is not None else None) is mask:
         return hit[2]
-    with torch.no_grad():
+    # Outside inference mode even inside it: an inference tensor has no version counter, and the
+    # ops recognise a pair without a pass over the weights only by its version.
+    with torch.no_grad(), torch.inference_mode(False):
         pair = OPS.masked_weight_pair(weight.detach(), None if mask is None else mask.detach())
     _pair_cache[weight] = (key, None if mask is None else weakref.ref(mask), pair)
     return pair

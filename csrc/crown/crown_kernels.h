@@ -1,22 +1,49 @@
-// Definitions of CrownReluKernels<Backend>: allocate, dispatch on dtype and side, run the
-// crown_relu_math.h functors through the backend (the side's lines once per neuron, then the
-// pass over A). Included only by the per-backend units.
+// The CROWN family's elementwise kernels, one static function per pass: through a ReLU (the
+// side's lines once per neuron, then the pass over A) and the bias term of an affine layer.
+// Each allocates its outputs, dispatches on the dtype and side, and runs crown_math.h's
+// functors through the Backend's loops (for_each_cpu.h, for_each_cuda.cuh). Written once for
+// both backends here and instantiated once per backend, in crown_cpu.cpp and crown_cuda.cu.
 #pragma once
 
-#include "crown_relu_kernels.h"
-#include "crown_relu_math.h"
+#include "crown_math.h"
+
+#include <robprune/backend.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/util/accumulate.h>
 
+#include <tuple>
 #include <type_traits>
 
 namespace robprune {
 
 template <class Backend>
-bool CrownReluKernels<Backend>::ordered(const at::Tensor& lower, const at::Tensor& upper) {
+struct CrownKernels {
+  // Through a ReLU. Arguments are dense and contiguous, already flattened: A (Ba, S, N) with
+  // Ba in {1, B}, lower and upper (B, N).
+  // Whether lower <= upper holds everywhere (false on any NaN).
+  static bool ordered(const at::Tensor& lower, const at::Tensor& upper);
+  // (A' of shape (B, S, N), bias of shape (B, S)).
+  static std::tuple<at::Tensor, at::Tensor> relu_step(const at::Tensor& A, const at::Tensor& lower,
+                                                      const at::Tensor& upper, bool upper_side);
+  // (grad A of shape (B, S, N) before any sum over a shared A, grad lower, grad upper).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_step_grad(
+      const at::Tensor& grad_out, const at::Tensor& grad_bias, const at::Tensor& A,
+      const at::Tensor& lower, const at::Tensor& upper, bool upper_side);
+
+  // Through an affine layer. A (rows, channels) or (rows, channels, H, W), dense (contiguous
+  // or channels_last), bias (channels,): the (rows,) sums sum_{c, y, x} A[row, c, y, x] *
+  // bias[c], in one pass over A.
+  static at::Tensor bias_term(const at::Tensor& A, const at::Tensor& bias);
+};
+
+template <class Backend>
+bool CrownKernels<Backend>::ordered(const at::Tensor& lower, const at::Tensor& upper) {
   bool bad = false;
   AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "robprune_crown_relu_ordered", [&] {
     crown::OrderedBounds<scalar_t> f{lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>()};
@@ -64,10 +91,10 @@ crown::LinesAt<T, UPPER, SHARED> lines_at(const at::Tensor& lower, const at::Ten
 }  // namespace crown_detail
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> CrownReluKernels<Backend>::step(const at::Tensor& A,
-                                                                   const at::Tensor& lower,
-                                                                   const at::Tensor& upper,
-                                                                   bool upper_side) {
+std::tuple<at::Tensor, at::Tensor> CrownKernels<Backend>::relu_step(const at::Tensor& A,
+                                                                    const at::Tensor& lower,
+                                                                    const at::Tensor& upper,
+                                                                    bool upper_side) {
   const int64_t batch = lower.size(0), specs = A.size(1), neurons = A.size(2);
   at::Tensor out = at::empty({batch, specs, neurons}, A.options());
   at::Tensor bias = at::empty({batch, specs}, A.options());
@@ -87,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> CrownReluKernels<Backend>::step(const at::Ten
 }
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> CrownReluKernels<Backend>::step_grad(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> CrownKernels<Backend>::relu_step_grad(
     const at::Tensor& grad_out, const at::Tensor& grad_bias, const at::Tensor& A,
     const at::Tensor& lower, const at::Tensor& upper, bool upper_side) {
   const int64_t batch = lower.size(0), specs = A.size(1), neurons = A.size(2);
@@ -114,5 +141,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CrownReluKernels<Backend>::step_g
   });
   return {grad_A, grad_lower, grad_upper};
 }
+
+template <class Backend>
+at::Tensor CrownKernels<Backend>::bias_term(const at::Tensor& A, const at::Tensor& bias) {
+  // Rows of the flat buffer along which the channel is fixed (NCHW: one (row, channel) plane)
+  // or along which it runs (channels_last, and linear layers: one pixel's channels). The plane
+  // is the product of the spatial sizes (1 for linear layers), never numel / (rows * channels),
+  // which has no answer when either is 0.
+  const int64_t rows = A.size(0), channels = A.size(1);
+  const int64_t plane = c10::multiply_integers(A.sizes().slice(2));
+  const bool per_row_channel = A.dim() == 4 && A.is_contiguous() && plane > 1;
+  const int64_t sums_per_row = per_row_channel ? channels : plane;
+  const int64_t flat_rows = rows * sums_per_row;
+  at::Tensor sums = at::empty({flat_rows}, A.options());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "robprune_crown_bias_term", [&] {
+    const scalar_t *a = A.const_data_ptr<scalar_t>(), *b = bias.const_data_ptr<scalar_t>();
+    scalar_t* out = sums.data_ptr<scalar_t>();
+    if (per_row_channel)
+      Backend::rows_sum(flat_rows, plane, crown::BiasDot<scalar_t, true>{a, b, plane, channels}, out);
+    else
+      Backend::rows_sum(flat_rows, channels, crown::BiasDot<scalar_t, false>{a, b, channels, channels}, out);
+  });
+  // The partial sums (per (row, channel) or per pixel) are a small fraction of A: summing them
+  // per row is cheap beside the pass over A.
+  return sums_per_row != 1 ? sums.view({rows, sums_per_row}).sum(1) : sums;
+}
+
+// Each backend's instantiation lives in its own translation unit (crown_cpu.cpp,
+// crown_cuda.cu), the only ones that see the backend's loops; these declarations keep every
+// other includer from instantiating the definitions above.
+extern template struct CrownKernels<CpuBackend>;
+extern template struct CrownKernels<CudaBackend>;
 
 }  // namespace robprune

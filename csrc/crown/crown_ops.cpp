@@ -1,30 +1,95 @@
-// CROWN's backward steps through linear and conv2d layers: argument checks, flattening of A's
-// leading dimensions into rows, then one algorithm for both layer kinds, templated on the
-// adjoint contraction (contractions.h), with the bias term from crown_affine_kernels.h.
-#include "crown_affine_ops.h"
+// The CROWN family's ops: argument checks and the flattening of A, then one algorithm for both
+// devices, run with the kernels of A's device (crown_kernels.h). The steps through linear and
+// conv2d layers share one algorithm, templated on the layer's adjoint contraction
+// (contractions.h); their weight gradient is the interval family's (masked_weight_grad).
+#include "crown_ops.h"
 
-#include "box_kernels.h"
-#include "contractions.h"
-#include "crown_affine_kernels.h"
-#include "layer_args.h"
+#include "crown_kernels.h"
+#include "../interval/interval_ops.h"
 
 #include <robprune/backend.h>
 #include <robprune/checks.h>
+#include <robprune/contractions.h>
+#include <robprune/layer_args.h>
 
 #include <ATen/ops/mul.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 
 #include <vector>
 
 namespace robprune {
 namespace {
 
+// --- through a ReLU ---
+
+// A's neuron dimensions (C, H, W) may be laid out channels-last, the layout CROWN's conv steps
+// run in on the CPU (crown_conv2d_backward keeps it): the kernels then walk the neurons in
+// (H, W, C) order, with the bounds permuted alike, and the outputs keep A's layout. The
+// kernels only need A and the bounds to list the neurons in the same order.
+struct NeuronOrder {
+  bool channels_last;
+
+  static NeuronOrder of(const at::Tensor& A) {
+    return {A.dim() == 5 && !A.is_contiguous() && A.permute({0, 1, 3, 4, 2}).is_contiguous()};
+  }
+  // (B, *neurons) or (B, S, *neurons) -> the same with the neurons in kernel order.
+  at::Tensor to_kernel(const at::Tensor& t) const {
+    if (!channels_last) return t;
+    return t.dim() == 4 ? t.permute({0, 2, 3, 1}) : t.permute({0, 1, 3, 4, 2});
+  }
+  // A flat (lead..., N) result back to `shape` (lead..., C, H, W), in A's layout.
+  at::Tensor from_kernel(const at::Tensor& t, at::IntArrayRef shape) const {
+    if (!channels_last) return t.view(shape);
+    const int64_t n = shape.size();
+    std::vector<int64_t> permuted(shape.begin(), shape.end() - 3);
+    permuted.insert(permuted.end(), {shape[n - 2], shape[n - 1], shape[n - 3]});
+    return n == 4 ? t.view(permuted).permute({0, 3, 1, 2}) : t.view(permuted).permute({0, 1, 4, 2, 3});
+  }
+};
+
+struct Flat {
+  at::Tensor A, lower, upper;
+  int64_t batch, specs, neurons;
+  NeuronOrder order;
+};
+
+Flat check_and_flatten(const at::Tensor& A, const at::Tensor& lower, const at::Tensor& upper) {
+  check_float(A, "A");
+  check_like(lower, "lower", A, "A");
+  check_like(upper, "upper", A, "A");
+  check_same_shape(upper, "upper", lower, "lower");
+  TORCH_CHECK(lower.dim() >= 1, "lower must have shape (B, *neurons), got ", lower.sizes());
+  TORCH_CHECK(A.dim() == lower.dim() + 1 && A.sizes().slice(2) == lower.sizes().slice(1),
+              "A must have shape (B or 1, S, *neurons) with neurons = ", lower.sizes().slice(1),
+              " (the shape of lower without its batch dimension), got ", A.sizes());
+  // The neurons of one batch element: the product of lower's other sizes, never numel / batch,
+  // which has no answer for batch 0.
+  const int64_t batch = lower.size(0), specs = A.size(1);
+  const int64_t neurons = c10::multiply_integers(lower.sizes().slice(1));
+  TORCH_CHECK(A.size(0) == batch || A.size(0) == 1, "A's first dimension must be 1 or the batch size ",
+              batch, ", got ", A.size(0));
+  const NeuronOrder order = NeuronOrder::of(A);
+  return {order.to_kernel(A).reshape({A.size(0), specs, neurons}).contiguous(),
+          order.to_kernel(lower).reshape({batch, neurons}).contiguous(),
+          order.to_kernel(upper).reshape({batch, neurons}).contiguous(), batch, specs, neurons, order};
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& lower, int64_t specs) {
+  std::vector<int64_t> shape{lower.size(0), specs};
+  shape.insert(shape.end(), lower.sizes().begin() + 1, lower.sizes().end());
+  return shape;
+}
+
+// --- through an affine layer ---
+
 void check_step_args(const at::Tensor& A, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
                      const c10::optional<at::Tensor>& weight_pair, int64_t weight_dim) {
   check_float(A, "A");
   check_layer_weights(weight, bias, mask, weight_pair, weight_dim, A, "A");
+  if (weight_pair) check_weight_pair(*weight_pair, weight, mask);
 }
 
 void check_grads(const at::Tensor& grad_A_out, const at::Tensor& grad_bias_term,
@@ -60,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> step(const Contraction& k, const at::Tensor& 
                                         const c10::optional<at::Tensor>& mask,
                                         const c10::optional<at::Tensor>& weight_pair) {
   return with_backend(A, [&](auto tag) {
-    using K = CrownAffineKernels<typename decltype(tag)::type>;
+    using K = CrownKernels<typename decltype(tag)::type>;
     at::Tensor out = k.forward(A, effective_weight(weight, mask, weight_pair), c10::nullopt);
     at::Tensor term = bias ? K::bias_term(A, bias->contiguous()) : at::zeros({A.size(0)}, A.options());
     return std::make_tuple(out, term);
@@ -74,38 +139,37 @@ Grads4 step_grad(const Contraction& k, const at::Tensor& G, const at::Tensor& g_
                  const at::Tensor& A, const at::Tensor& weight,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
                  const c10::optional<at::Tensor>& weight_pair, std::array<bool, 4> need) {
-  return with_backend(A, [&](auto tag) {
-    using K = BoxKernels<typename decltype(tag)::type>;
-    const at::Tensor w = weight_like(weight, weight);
-    const c10::optional<at::Tensor> m = weight_like(mask, weight);
-    const bool need_w = need[1] || (need[3] && m);
-    auto [g_A, g_eff, unused] =
-        k.backward(G, A, effective_weight(w, m, weight_pair), {need[0], need_w, false});
-    // bias and g_term shaped to broadcast against A: (1, C_out, 1, 1) and (rows, 1, 1, 1).
-    std::vector<int64_t> bias_shape(A.dim(), 1), term_shape(A.dim(), 1);
-    bias_shape[1] = A.size(1);
-    term_shape[0] = A.size(0);
-    if (need[0] && bias) {
-      // The bias term's share: d(term[row]) / dA[row, c, ...] = bias[c].
-      g_A.add_(at::mul(g_term.view(term_shape), bias->view(bias_shape)));
-    }
-    at::Tensor g_bias;
-    if (need[2] && bias) g_bias = at::mv((A.dim() == 4 ? A.sum({2, 3}) : A).t(), g_term);
-    at::Tensor g_w, g_m;
-    if (need_w && m) {
-      std::tie(g_w, g_m) = K::weight_grad(weight_like(g_eff, w), at::Tensor(), w, m, need[1], need[3]);
-    } else if (need_w) {
-      g_w = g_eff;
-    }
-    return Grads4{empty_if_unused(need[0] ? g_A : at::Tensor(), A), empty_if_unused(g_w, A),
-                  empty_if_unused(g_bias, A), empty_if_unused(g_m, A)};
-  });
+  const at::Tensor w = weight_like(weight, weight);
+  const c10::optional<at::Tensor> m = weight_like(mask, weight);
+  const bool need_w = need[1] || (need[3] && m);
+  auto [g_A, g_eff, unused] =
+      k.backward(G, A, effective_weight(w, m, weight_pair), {need[0], need_w, false});
+  // bias and g_term shaped to broadcast against A: (1, C_out, 1, 1) and (rows, 1, 1, 1).
+  std::vector<int64_t> bias_shape(A.dim(), 1), term_shape(A.dim(), 1);
+  bias_shape[1] = A.size(1);
+  term_shape[0] = A.size(0);
+  if (need[0] && bias) {
+    // The bias term's share: d(term[row]) / dA[row, c, ...] = bias[c].
+    g_A.add_(at::mul(g_term.view(term_shape), bias->view(bias_shape)));
+  }
+  at::Tensor g_bias;
+  if (need[2] && bias) g_bias = at::mv((A.dim() == 4 ? A.sum({2, 3}) : A).t(), g_term);
+  at::Tensor g_w, g_m;
+  if (need_w && m) {
+    std::tie(g_w, g_m) = masked_weight_grad(g_eff, w, m, need[1], need[3]);
+  } else if (need_w) {
+    g_w = g_eff;
+  }
+  return Grads4{empty_if_unused(need[0] ? g_A : at::Tensor(), A), empty_if_unused(g_w, A),
+                empty_if_unused(g_bias, A), empty_if_unused(g_m, A)};
 }
 
+// The rows of A (*, out_features), after checking A against the layer: the product of the
+// leading dimensions (never numel / out_features, which has no answer for out_features = 0).
 int64_t linear_rows(const at::Tensor& A, const at::Tensor& weight) {
   TORCH_CHECK(A.dim() >= 1 && A.size(-1) == weight.size(0), "A's last dimension must equal ",
               "weight.size(0) (out_features = ", weight.size(0), "), got shape ", A.sizes());
-  return A.numel() / std::max<int64_t>(weight.size(0), 1);
+  return c10::multiply_integers(A.sizes().slice(0, A.dim() - 1));
 }
 
 // The adjoint of the layer's convolution, after checking A and input_size against it.
@@ -138,11 +202,46 @@ Conv2dContraction conv_adjoint(const at::Tensor& A, const at::Tensor& weight,
 // A's leading dimensions flattened into rows, dense in A's own memory format (a channels_last
 // A, as the bound engine passes on the CPU, runs the transposed convolution without reorders).
 at::Tensor conv_rows(const at::Tensor& A) {
-  const at::Tensor rows = A.reshape({-1, A.size(-3), A.size(-2), A.size(-1)});
+  const int64_t n = c10::multiply_integers(A.sizes().slice(0, A.dim() - 3));
+  const at::Tensor rows = A.reshape({n, A.size(-3), A.size(-2), A.size(-1)});
   return rows.contiguous(rows.suggest_memory_format());
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> crown_relu_backward(const at::Tensor& A, const at::Tensor& lower,
+                                                       const at::Tensor& upper, bool upper_side) {
+  const Flat f = check_and_flatten(A, lower, upper);
+  return with_backend(A, [&](auto tag) {
+    using K = CrownKernels<typename decltype(tag)::type>;
+    TORCH_CHECK(K::ordered(f.lower, f.upper), "lower must be <= upper everywhere (found lower > upper or NaN)");
+    auto [out, bias] = K::relu_step(f.A, f.lower, f.upper, upper_side);
+    return std::make_tuple(f.order.from_kernel(out, out_shape(lower, f.specs)), bias);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_backward_grad(
+    const at::Tensor& grad_A_out, const at::Tensor& grad_bias, const at::Tensor& A,
+    const at::Tensor& lower, const at::Tensor& upper, bool upper_side) {
+  const Flat f = check_and_flatten(A, lower, upper);
+  check_like(grad_A_out, "grad_A_out", A, "A");
+  check_like(grad_bias, "grad_bias", A, "A");
+  TORCH_CHECK(grad_A_out.numel() == f.batch * f.specs * f.neurons && grad_bias.numel() == f.batch * f.specs,
+              "grad_A_out and grad_bias must have the shapes of crown_relu_backward's outputs");
+  return with_backend(A, [&](auto tag) {
+    using K = CrownKernels<typename decltype(tag)::type>;
+    // grad_A_out has the shape of the step's output, (B, S, *neurons), in any layout.
+    const at::Tensor g_out = f.order.to_kernel(grad_A_out.reshape(out_shape(lower, f.specs)));
+    auto [grad_A, grad_lower, grad_upper] =
+        K::relu_step_grad(g_out.reshape({f.batch, f.specs, f.neurons}).contiguous(),
+                     grad_bias.reshape({f.batch, f.specs}).contiguous(), f.A, f.lower, f.upper, upper_side);
+    // A shared by the batch (first dimension 1) gathers the gradient of every batch element.
+    if (A.size(0) != f.batch) grad_A = grad_A.sum(0, /*keepdim=*/true);
+    return std::make_tuple(f.order.from_kernel(grad_A, A.sizes()), f.order.from_kernel(grad_lower, lower.sizes()),
+                           f.order.from_kernel(grad_upper, upper.sizes()));
+  });
+}
+
 
 std::tuple<at::Tensor, at::Tensor> crown_linear_backward(
     const at::Tensor& A, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -1,6 +1,13 @@
-// CROWN's backward step through an affine layer h' = (weight * mask) h + bias (schemas in
-// pyext/module.cpp).
+// The CROWN family's operators, as registered in pyext/module.cpp (schemas there): CROWN's
+// backward steps, which walk the coefficients A of linear bounds back through one layer.
 //
+// crown_relu_backward: the step through y = relu(z) given l <= z <= u. A (Ba, S, *neurons)
+// holds the coefficients of S linear bounds in terms of y, Ba = 1 (shared by the batch) or B;
+// lower, upper (B, *neurons). Returns the coefficients in terms of z, (B, S, *neurons), and the
+// bias the relaxation adds, (B, S). upper_side: the walk bounds from above (positive
+// coefficients take ReLU's upper line), else from below.
+//
+// The steps through an affine layer h' = (weight * mask) h + bias:
 // crown_linear_backward: A (*, out_features) holds the coefficients of linear bounds in terms
 // of h'. Returns (A (weight * mask) of shape (*, in_features), the bias term A bias of shape
 // (*), zeros without a bias).
@@ -11,8 +18,9 @@
 // weight_pair: as for the interval ops, the cached masked_weight_pair(weight, mask); only its
 // first half (weight * mask) is read. It is a cache, not differentiated.
 //
-// The *_grad ops return the gradients with respect to (A, weight, bias, mask) from those of the
-// two outputs; an entry whose output_mask flag is false comes back as an empty tensor.
+// The *_grad ops return the gradients of a step with respect to its tensor inputs ((A, lower,
+// upper) through a ReLU, (A, weight, bias, mask) through an affine layer) from those of its two
+// outputs; an affine step's entry whose output_mask flag is false comes back as an empty tensor.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,6 +33,13 @@
 namespace robprune {
 
 using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> crown_relu_backward(const at::Tensor& A, const at::Tensor& lower,
+                                                       const at::Tensor& upper, bool upper_side);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_backward_grad(
+    const at::Tensor& grad_A_out, const at::Tensor& grad_bias, const at::Tensor& A,
+    const at::Tensor& lower, const at::Tensor& upper, bool upper_side);
 
 std::tuple<at::Tensor, at::Tensor> crown_linear_backward(
     const at::Tensor& A, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -1,19 +1,26 @@
-// Per-element formulas of CROWN's backward step through a ReLU, for CPU and CUDA alike.
+// Per-element formulas of CROWN's backward steps, for CPU and CUDA alike: through a ReLU (its
+// linear relaxation, applied to A) and the bias term of the step through an affine layer.
+// reference.py holds the same formulas in plain torch (relu_relaxation, crown_relu_backward,
+// crown_linear_backward, crown_conv2d_backward); keep the two in step.
 //
-// A linear bound sum_n A[n] relu(z[n]) is bounded, given pre-activation bounds l <= z <= u,
-// by replacing relu with a line: the upper line k z + t (the chord on unstable neurons), the
-// lower line lam z (CROWN's adaptive slope: 1 when u >= -l, else 0). A positive coefficient
-// takes the line on its own side, a negative one the other side's line. reference.py holds
-// the same formulas in plain torch (crown_relu_backward); keep the two in step.
+// Through a ReLU: a linear bound sum_n A[n] relu(z[n]) is bounded, given pre-activation bounds
+// l <= z <= u, by replacing relu with a line: the upper line k z + t (the chord on unstable
+// neurons), the lower line lam z (CROWN's adaptive slope: 1 when u >= -l, else 0). A positive
+// coefficient takes the line on its own side, a negative one the other side's line.
+//
+// Through an affine layer h' = W h + b: walking a linear bound A h' back to A W h + A b adds
+// the bias term, the sum over output neurons of A * b, where b is per channel.
 #pragma once
 
-#include "box_math.h"
+#include <robprune/elementwise.h>
 
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
 
 namespace robprune::crown {
+
+// --- through a ReLU ---
 
 template <class T>
 struct Relaxation {
@@ -23,24 +30,34 @@ struct Relaxation {
   T dk_dl, dk_du, dt_dl, dt_du;
 };
 
+// Overflow never tightens the relaxation: where l, u or u - l is not finite (the width
+// overflowed, or a bound is infinite), the chord's slope u / (u - l) would round to 0 and
+// silently drop the neuron. There the three lines are NaN instead, and so is every bound
+// through them, which never certifies; their derivatives are 0, as for any constant.
 template <class T>
 C10_HOST_DEVICE inline Relaxation<T> relax(T l, T u) {
+  // u - l is finite exactly when l, u and u - l all are; w - w is 0 then, NaN otherwise.
+  const T w = u - l;
+  const T finite_or_nan = w - w;
+  const bool finite = finite_or_nan == T(0);
+  // Multiplying by 1 keeps every value bit for bit (signed zeros included); by NaN, none.
+  const T keep = T(1) + finite_or_nan;
   // select(), never T(bool): GCC does not vectorise bool-to-float conversions.
-  const bool unstable = (l < T(0)) & (u > T(0));
+  const bool unstable = (l < T(0)) & (u > T(0)) & finite;
   const bool active = l >= T(0);
-  // Off the unstable set the width is replaced by 1, so no inf or NaN is ever formed.
-  const T width = box::select(unstable, u - l) + box::select(!unstable, T(1));
+  // Off the unstable set the width is replaced by 1, so no inf or NaN is ever formed there.
+  const T width = select(unstable, w) + select(!unstable, T(1));
   const T inv = T(1) / width;
   const T k = u / width;
   Relaxation<T> r;
-  r.upper_slope = box::select(unstable, k) + box::select(active, T(1));
-  r.upper_intercept = box::select(unstable, -k * l);
-  r.lower_slope = box::select(unstable & (u >= -l), T(1)) + box::select(active, T(1));
+  r.upper_slope = (select(unstable, k) + select(active, T(1))) * keep;
+  r.upper_intercept = select(unstable, -k * l) * keep;
+  r.lower_slope = (select(unstable & (u >= -l), T(1)) + select(active, T(1))) * keep;
   const T inv2 = inv * inv;
-  r.dk_dl = box::select(unstable, u * inv2);
-  r.dk_du = box::select(unstable, -l * inv2);
-  r.dt_dl = box::select(unstable, -u * u * inv2);
-  r.dt_du = box::select(unstable, l * l * inv2);
+  r.dk_dl = select(unstable, u * inv2);
+  r.dk_du = select(unstable, -l * inv2);
+  r.dt_dl = select(unstable, -u * u * inv2);
+  r.dt_du = select(unstable, l * l * inv2);
   return r;
 }
 
@@ -108,7 +125,7 @@ struct ReluStep {
     C10_HOST_DEVICE T operator()(int64_t n) const {
       const T an = a[n];
       const Lines<T> l = lines(first + n);
-      const T pos = box::relu(an), neg = an - pos;
+      const T pos = relu(an), neg = an - pos;
       out[n] = pos * l.pos_slope + neg * l.neg_slope;
       return (UPPER ? pos : neg) * l.intercept;
     }
@@ -144,13 +161,13 @@ struct ReluStepGrad {
     const Lines<T> l = lines(i);
     // select(), not T(a > 0): GCC does not vectorise a bool-to-float conversion here.
     const bool on_pos = a > T(0), on_neg = a < T(0);
-    grad_A[row * neurons + n] = g * (box::select(on_pos, l.pos_slope) + box::select(on_neg, l.neg_slope)) +
-                                g_b * box::select(UPPER ? on_pos : on_neg, l.intercept);
-    const T pos = box::relu(a);
+    grad_A[row * neurons + n] = g * (select(on_pos, l.pos_slope) + select(on_neg, l.neg_slope)) +
+                                g_b * select(UPPER ? on_pos : on_neg, l.intercept);
+    const T pos = relu(a);
     const T chord_coef = UPPER ? pos : a - pos;  // the coefficient multiplying the chord
     // select() masks the bits, so whatever the uninitialised slot held (NaN included) is 0.
-    chord_g[i] = box::select(s != 0, chord_g[i]) + chord_coef * g;
-    chord_gb[i] = box::select(s != 0, chord_gb[i]) + chord_coef * g_b;
+    chord_g[i] = select(s != 0, chord_g[i]) + chord_coef * g;
+    chord_gb[i] = select(s != 0, chord_gb[i]) + chord_coef * g_b;
   }
 };
 
@@ -177,6 +194,29 @@ struct OrderedBounds {
   const T* lower;
   const T* upper;
   C10_HOST_DEVICE bool operator()(int64_t i) const { return !(lower[i] <= upper[i]); }
+};
+
+// --- the bias term of an affine layer ---
+
+// Row functor for Backend::rows_sum over A's flat buffer cut into rows of `cols` elements.
+// PER_ROW_CHANNEL (NCHW conv layers): a row is one channel plane, so the channel is fixed
+// along it and its bias is read once per row. Otherwise (linear layers, channels_last conv
+// layers): a row lists the channels of one pixel, element j being channel j.
+template <class T, bool PER_ROW_CHANNEL>
+struct BiasDot {
+  const T* A;
+  const T* bias;
+  int64_t cols, channels;
+
+  struct Row {
+    const T* a;
+    const T* bias;
+    T row_bias;
+    C10_HOST_DEVICE T operator()(int64_t j) const { return a[j] * (PER_ROW_CHANNEL ? row_bias : bias[j]); }
+  };
+  C10_HOST_DEVICE Row row(int64_t r) const {
+    return {A + r * cols, bias, PER_ROW_CHANNEL ? bias[r % channels] : T(0)};
+  }
 };
 
 }  // namespace robprune::crown

@@ -5,38 +5,13 @@
 // reference.py holds the same formulas in plain torch; keep the two in step.
 #pragma once
 
+#include <robprune/elementwise.h>
+
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
-namespace robprune::box {
-
-// value where keep holds, else 0, by masking the bits: compilers keep a ternary on floats as a
-// branch (IEEE signed zeros forbid them a max instruction), and random data mispredicts it
-// half the time; the mask costs two integer ops on both CPU and GPU.
-template <class T>
-C10_HOST_DEVICE inline T select(bool keep, T value) {
-  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  static_assert(sizeof(Bits) == sizeof(T), "select() handles float and double");
-  Bits bits;
-  memcpy(&bits, &value, sizeof(T));
-  bits &= Bits(0) - static_cast<Bits>(keep);
-  memcpy(&value, &bits, sizeof(T));
-  return value;
-}
-
-// ReLU that keeps NaN (as torch.relu does), so a NaN input is never hidden as a 0 bound.
-template <class T>
-C10_HOST_DEVICE inline T relu(T x) {
-  return select(!(x <= T(0)), x);
-}
-
-template <class T>
-C10_HOST_DEVICE inline T sign(T x) {
-  return static_cast<T>((x > T(0)) - (x < T(0)));
-}
+namespace robprune::interval {
 
 // Validates the radius (NaN and negative entries are invalid) and, with RELU, maps the box
 // through ReLU: [c - r, c + r] -> [relu(c - r), relu(c + r)], back in centre/radius form.
@@ -50,7 +25,10 @@ struct Prologue {
     const T ci = c[i], ri = r[i];
     if (RELU) {
       const T lo = relu(ci - ri), hi = relu(ci + ri);
-      c_out[i] = (hi + lo) / T(2);
+      // Halves first: hi + lo overflows near the top of the float range, and an infinite
+      // centre with a finite radius is the box [inf, inf], above every value it should hold.
+      // 0 <= lo <= hi, so hi - lo cannot overflow.
+      c_out[i] = hi / T(2) + lo / T(2);
       r_out[i] = (hi - lo) / T(2);
     }
     return !(ri >= T(0));
@@ -166,4 +144,4 @@ struct WeightGrad {
   }
 };
 
-}  // namespace robprune::box
+}  // namespace robprune::interval

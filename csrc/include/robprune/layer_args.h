@@ -1,6 +1,7 @@
 // Argument checks and layout helpers shared by the ops of linear and conv2d layers (the
-// interval ops and CROWN's backward steps through them): the layer's weight, bias, mask and cached weight
-// pair, and a convolution's geometry. Messages name the argument and what was expected.
+// interval ops and CROWN's backward steps through them): the layer's weight, bias, mask and
+// cached weight pair, and a convolution's geometry. Messages name the argument and what was
+// expected.
 #pragma once
 
 #include <robprune/checks.h>
@@ -21,6 +22,11 @@ inline void check_layer_weights(const at::Tensor& weight, const c10::optional<at
   check_like(weight, "weight", ref, ref_name);
   check_dim(weight, "weight", weight_dim, weight_dim == 2 ? "(out_features, in_features)"
                                                           : "(out_channels, in_channels/groups, kH, kW)");
+  // A linear layer without inputs (its output is its bias) or outputs is well defined and runs;
+  // ATen's convolutions have no such case (with no input channels, conv2d returns its input).
+  TORCH_CHECK(weight_dim == 2 || weight.numel() > 0, "weight must have every dimension (out_channels, ",
+              "in_channels/groups, kH, kW) >= 1: a convolution over an empty weight is not supported, "
+              "got shape ", weight.sizes());
   if (bias) {
     check_like(*bias, "bias", ref, ref_name);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
@@ -62,6 +68,8 @@ inline void check_conv_geometry(int64_t channels, at::IntArrayRef size, const ch
   TORCH_CHECK(channels == weight.size(1) * groups, input_name, " has ", channels,
               " channels but weight expects in_channels = weight.size(1) * groups = ",
               weight.size(1) * groups);
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, input_name,
+              "'s spatial size must be positive, got ", size);
   for (int d = 0; d < 2; ++d) {
     const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
     TORCH_CHECK(size[d] + 2 * padding[d] >= extent, input_name, "'s spatial size ", size,

@@ -1,6 +1,7 @@
-// The linear maps an interval layer applies to its centre and its radius. Both products go
-// through ATen (oneDNN / MKL on the CPU, cuBLAS / cuDNN on the GPU), the fastest contraction
-// on each platform; the elementwise work around them lives in the box kernels.
+// The linear maps of linear and conv2d layers, forward (an interval layer's centre and radius)
+// and adjoint (CROWN's backward steps). Every product goes through ATen (oneDNN / MKL on the
+// CPU, cuBLAS / cuDNN on the GPU), the fastest contraction on each platform; the elementwise
+// work around them lives in each family's kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
