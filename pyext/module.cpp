@@ -4,6 +4,7 @@
 // modules of python/robprune_fast/ops/.
 #include "../csrc/crown/crown_ops.h"
 #include "../csrc/interval/interval_ops.h"
+#include "../csrc/sparse/sparse_ops.h"
 
 #include <torch/library.h>
 #include <torch/headeronly/version.h>
@@ -59,6 +60,19 @@ TORCH_LIBRARY(robprune_fast, m) {
       "Tensor weight, Tensor? bias, Tensor? mask, Tensor? weight_pair, int[2] input_size, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool[4] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? weight_pair) "
+      "-> Tensor");
+  m.def(
+      "masked_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor? mask, "
+      "Tensor? weight_pair, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? weight_pair, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "masked_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor? mask, "
+      "Tensor? weight_pair, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // One implementation per op serves both devices: it picks the CPU or CUDA kernels of its family
@@ -83,9 +97,17 @@ static void register_crown_ops(torch::Library& m) {
   m.impl("crown_conv2d_backward_grad", &robprune::crown_conv2d_backward_grad);
 }
 
+static void register_sparse_ops(torch::Library& m) {
+  m.impl("masked_linear", &robprune::masked_linear);
+  m.impl("masked_linear_backward", &robprune::masked_linear_backward);
+  m.impl("masked_conv2d", &robprune::masked_conv2d);
+  m.impl("masked_conv2d_backward", &robprune::masked_conv2d_backward);
+}
+
 static void register_ops(torch::Library& m) {
   register_interval_ops(m);
   register_crown_ops(m);
+  register_sparse_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_ops(m); }

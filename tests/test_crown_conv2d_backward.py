@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interval_helpers import DEVICES, compare_with_reference
+from tests.helpers.ops import DEVICES, compare_with_reference
 from robprune_fast import ops
 from test_crown_linear_backward import MASKS, make_mask
 

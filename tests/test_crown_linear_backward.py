@@ -3,7 +3,7 @@ opcheck, gradcheck, exactness of the step, the weight cache, bad input."""
 import pytest
 import torch
 
-from interval_helpers import DEVICES, TOL, compare_with_reference
+from tests.helpers.ops import DEVICES, TOL, compare_with_reference
 from robprune_fast import ops
 
 MASKS = ["none", "zeros", "ones", "random"]

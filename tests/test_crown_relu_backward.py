@@ -3,7 +3,7 @@ gradcheck, soundness of the bound it produces, bad input."""
 import pytest
 import torch
 
-from interval_helpers import DEVICES, TOL
+from tests.helpers.ops import DEVICES, TOL
 from robprune_fast import ops, reference
 
 

@@ -6,7 +6,7 @@ those are cases of op_error_cases.py (marked degenerate), run by test_errors_rai
 import pytest
 import torch
 
-from interval_helpers import DEVICES
+from tests.helpers.ops import DEVICES
 from robprune_fast import reference
 
 OPS = torch.ops.robprune_fast

@@ -3,7 +3,7 @@ kill the process.
 
 On one GPU machine every failing TORCH_CHECK in robprune_fast killed the process with a
 segmentation fault (scripts/throw_check.py probes the cause). The table of bad inputs
-(op_error_cases.py: every op, called through torch.ops.robprune_fast so that the C++ checks
+(tests/helpers/op_error_cases.py: every op, called through torch.ops.robprune_fast so that the C++ checks
 fire) runs first as a whole in one subprocess, on the CPU and, when there is one, on CUDA: the
 test fails if the subprocess dies, or if any case does not raise a RuntimeError with its
 message. Then each case runs in process, for a report per case.
@@ -16,16 +16,16 @@ import sys
 
 import pytest
 
-from interval_helpers import DEVICES
-from op_error_cases import CASES
+from tests.helpers.ops import DEVICES
+from tests.helpers.op_error_cases import CASES
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_failed_check_raises_in_a_subprocess():
     devices = [str(d) for d in DEVICES]
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", os.path.join(HERE, "op_error_cases.py"), *devices],
-                          capture_output=True, text=True, timeout=600, cwd=HERE)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "tests.helpers.op_error_cases",
+                           *devices], capture_output=True, text=True, timeout=600, cwd=ROOT)
     lines = proc.stdout.splitlines()
     started = [line.split(" ", 1)[1] for line in lines if line.startswith("START ")]
     assert proc.returncode == 0, (

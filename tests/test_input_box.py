@@ -3,7 +3,7 @@ soundness of the box it returns, bad input."""
 import pytest
 import torch
 
-from interval_helpers import DEVICES, SOUND_SLACK, check_engine_entry, compare_with_reference
+from tests.helpers.ops import DEVICES, SOUND_SLACK, check_engine_entry, compare_with_reference
 from robprune_fast import ops
 
 

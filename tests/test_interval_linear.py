@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interval_helpers import (DEVICES, assert_sound, check_engine_entry, check_radius_flag,
+from tests.helpers.ops import (DEVICES, assert_sound, check_engine_entry, check_radius_flag,
                               compare_with_reference, make_box)
 from robprune_fast import ops, reference
 from robprune_fast.ops import _dispatch, weight_pair

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from interval_helpers import DEVICES
+from tests.helpers.ops import DEVICES
 from robprune_fast import ops, reference
 
 

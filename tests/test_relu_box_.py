@@ -4,7 +4,7 @@ soundness of the box, bad input through the wrapper and through torch.ops."""
 import pytest
 import torch
 
-from interval_helpers import DEVICES, SOUND_SLACK, check_engine_entry, make_box
+from tests.helpers.ops import DEVICES, SOUND_SLACK, check_engine_entry, make_box
 from robprune_fast import ops, reference
 
 

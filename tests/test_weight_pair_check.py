@@ -9,7 +9,7 @@ import gc
 import pytest
 import torch
 
-from interval_helpers import DEVICES
+from tests.helpers.ops import DEVICES
 from robprune_fast import ops, reference
 from robprune_fast.ops import _C, weight_pair
 

@@ -107,13 +107,6 @@ std::vector<int64_t> lead_then(const at::Tensor& A, int64_t trailing, std::vecto
   return shape;
 }
 
-// weight * mask: the cached pair's first half when given, else made here.
-at::Tensor effective_weight(const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
-                            const c10::optional<at::Tensor>& weight_pair) {
-  if (weight_pair) return weight_pair->select(0, 0);
-  return mask ? at::mul(weight, *mask) : weight;
-}
-
 // The step on rows: A is (rows, C_out) for a linear layer, (rows, C_out, H_out, W_out) for a
 // conv layer, dense in its own memory format (channels_last stays channels_last: the
 // transposed convolution keeps it). Returns (A in terms of the layer's input, bias term of

@@ -23,6 +23,8 @@
 // outputs; an affine step's entry whose output_mask flag is false comes back as an empty tensor.
 #pragma once
 
+#include <robprune/layer_args.h>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
@@ -31,8 +33,6 @@
 #include <tuple>
 
 namespace robprune {
-
-using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> crown_relu_backward(const at::Tensor& A, const at::Tensor& lower,
                                                        const at::Tensor& upper, bool upper_side);

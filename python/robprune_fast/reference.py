@@ -169,3 +169,13 @@ def crown_conv2d_backward(A, weight, bias, mask, input_size, stride=1, padding=0
                              groups, dilation)
     term = A.new_zeros(lead) if bias is None else A.sum((-2, -1)) @ bias
     return out.reshape(*lead, *out.shape[1:]), term
+
+
+def masked_linear(x, weight, bias=None, mask=None):
+    """``F.linear(x, weight * mask, bias)``: a pruned linear layer."""
+    return F.linear(x, effective_weight(weight, mask), bias)
+
+
+def masked_conv2d(x, weight, bias=None, mask=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d(x, weight * mask, bias, ...)``: a pruned conv2d layer."""
+    return F.conv2d(x, effective_weight(weight, mask), bias, stride, padding, dilation, groups)

@@ -8,8 +8,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
+
+#include <tuple>
 
 namespace robprune {
 
@@ -88,6 +91,16 @@ inline c10::optional<at::Tensor> weight_like(const c10::optional<at::Tensor>& t,
                                              const at::Tensor& weight) {
   return t ? c10::optional<at::Tensor>(weight_like(*t, weight)) : c10::nullopt;
 }
+
+// weight * mask: the cached pair's first half when given (checked by the caller), else made here.
+inline at::Tensor effective_weight(const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                                   const c10::optional<at::Tensor>& weight_pair) {
+  if (weight_pair) return weight_pair->select(0, 0);
+  return mask ? at::mul(weight, *mask) : weight;
+}
+
+// The four gradients of a layer op with respect to (input, weight, bias, mask).
+using Grads4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Ops return an empty tensor for each gradient their output_mask did not ask for.
 inline at::Tensor empty_if_unused(const at::Tensor& t, const at::Tensor& like) {

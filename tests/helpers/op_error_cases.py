@@ -1,11 +1,11 @@
 """Every op's bad input, called through torch.ops.robprune_fast directly so that the C++ checks
 fire (the Python wrappers would refuse most of it first): one table of (op, arguments,
 expected message), the cases of the op tests' bad-input tests plus the shapes no layer has
-(test_degenerate_shapes.py has the degenerate shapes that work) and the weight pairs that are
-not masked_weight_pair(weight, mask). test_errors_raise.py runs the whole table in a
+(tests/test_degenerate_shapes.py has the degenerate shapes that work) and the weight pairs that are
+not masked_weight_pair(weight, mask). tests/test_errors_raise.py runs the whole table in a
 subprocess (a check that crashed would take pytest down with it), then case by case.
 
-    python tests/op_error_cases.py cpu [cuda]
+    python -m tests.helpers.op_error_cases cpu [cuda]
 
 runs the table on those devices and prints one JSON line per case (what the subprocess does).
 """

@@ -1,0 +1,274 @@
+"""Drop-in masked layers, and the conversions between them and plain torch modules.
+
+``MaskedLinear`` and ``MaskedConv2d`` are ``nn.Linear`` / ``nn.Conv2d`` with a binary
+``weight_mask`` buffer: they compute ``x -> layer(x) with weight * weight_mask`` through the
+masked operators of ``robprune_fast.ops`` (a dense path with the mask fused in, or a compressed
+path that skips pruned weights, chosen by the mask's density). Their parameters keep the names
+``weight`` and ``bias``, so a plain model's state dict loads into a converted one (the mask then
+starts full), and the gradient of ``weight`` is masked: a pruned weight never trains.
+
+  convert(model)           every nn.Linear / nn.Conv2d -> its masked twin, in place; layers
+                           pruned with torch.nn.utils.prune keep their masks
+  to_torch_prune(model)    the way back: plain layers with torch.nn.utils.prune's masks
+  strip(model)             plain layers with the zeros baked in: deploys and exports like any
+                           other model (torch.export included)
+
+Structured (channel) pruning makes networks physically smaller; that lives with the pruning
+strategies (``pruning``), which know which channels went.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from . import ops
+
+PATHS = ("auto", "dense", "sparse")
+
+
+def check_mask(mask: torch.Tensor, weight: torch.Tensor, name: str = "weight_mask") -> torch.Tensor:
+    """mask as a tensor like weight (dtype, device, shape) holding only 0 and 1; refuses
+    anything else with an error naming it."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{name} must have the weight's shape {tuple(weight.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"{name} must be on the weight's device ({weight.device}), got "
+                         f"{mask.device}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or floating-point tensor, got {mask.dtype}")
+    mask = mask.to(weight.dtype)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 and 1 (a binary mask), got other values")
+    return mask
+
+
+class _Masked:
+    """What MaskedLinear and MaskedConv2d share: the mask buffer, its checks, the path."""
+
+    weight: nn.Parameter
+    weight_mask: torch.Tensor
+
+    def _init_mask(self, path: str):
+        self.register_buffer("weight_mask", torch.ones_like(self.weight, requires_grad=False))
+        self.path = path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str):
+        if value not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {value!r}")
+        self._path = value
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (checked: the weight's shape, device, 0/1 values)."""
+        self.weight_mask.copy_(check_mask(mask, self.weight))
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weights the mask keeps."""
+        return float(self.weight_mask.sum()) / max(self.weight_mask.numel(), 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A plain layer's state dict (no mask) loads: the mask stays as it is (full when new).
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        key = prefix + "weight_mask"
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+        elif key in state_dict:
+            try:
+                check_mask(self.weight_mask, self.weight, key)
+            except (TypeError, ValueError) as e:
+                error_msgs.append(str(e))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, density={self.density:.4f}, path={self.path!r}"
+
+
+class MaskedLinear(_Masked, nn.Linear):
+    """nn.Linear computing F.linear(x, weight * weight_mask, bias) (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, path: str = "auto"):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_mask(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.masked_linear(x, self.weight, self.bias, self.weight_mask, path=self.path)
+
+
+class MaskedConv2d(_Masked, nn.Conv2d):
+    """nn.Conv2d computing F.conv2d(x, weight * weight_mask, bias, ...) (zeros padding only)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, device=None, dtype=None,
+                 path: str = "auto"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, "zeros", device=device, dtype=dtype)
+        if isinstance(self.padding, str):
+            raise ValueError("MaskedConv2d takes explicit padding (ints), got "
+                             f"padding={self.padding!r}")
+        self._init_mask(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.masked_conv2d(x, self.weight, self.bias, self.weight_mask, self.stride,
+                                 self.padding, self.dilation, self.groups, path=self.path)
+
+
+# --- conversions ----------------------------------------------------------------------------------
+
+def _pruned(module: nn.Module) -> dict[str, torch.Tensor]:
+    """{tensor name: mask} of torch.nn.utils.prune's hooks on module."""
+    return {hook._tensor_name: getattr(module, f"{hook._tensor_name}_mask")
+            for hook in module._forward_pre_hooks.values()
+            if isinstance(hook, prune.BasePruningMethod)}
+
+
+def _check_plain(module: nn.Module, name: str, base) -> None:
+    """module runs base's stock forward: converting a subclass with its own forward would
+    silently change what it computes."""
+    if type(module).forward is not base.forward or "forward" in vars(module):
+        raise TypeError(f"cannot convert {name} ({type(module).__name__}): it has its own forward")
+    hooks = [h for h in module._forward_pre_hooks.values() if not isinstance(h, prune.BasePruningMethod)]
+    if hooks or module._forward_hooks:
+        raise TypeError(f"cannot convert {name}: it has forward hooks, which would be lost")
+
+
+def _masked_twin(module: nn.Module, name: str) -> nn.Module:
+    pruned = _pruned(module)
+    if "bias" in pruned:
+        raise TypeError(f"cannot convert {name}: its bias is pruned (torch.nn.utils.prune); "
+                        "masked layers mask weights only")
+    weight = module.weight_orig if "weight" in pruned else module.weight
+    kwargs = dict(bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+    if isinstance(module, nn.Linear):
+        _check_plain(module, name, nn.Linear)
+        twin = MaskedLinear(module.in_features, module.out_features, **kwargs)
+    else:
+        _check_plain(module, name, nn.Conv2d)
+        if module.padding_mode != "zeros":
+            raise TypeError(f"cannot convert {name}: padding_mode {module.padding_mode!r} "
+                            "(masked convolutions pad with zeros)")
+        padding = _explicit_padding(module, name)
+        twin = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size,
+                            module.stride, padding, module.dilation, module.groups, **kwargs)
+    with torch.no_grad():
+        twin.weight.copy_(weight)
+        if module.bias is not None:
+            twin.bias.copy_(module.bias)
+        if "weight" in pruned:
+            twin.set_mask(pruned["weight"])
+    twin.train(module.training)
+    return twin
+
+
+def _explicit_padding(conv: nn.Conv2d, name: str):
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total) or any(s != 1 for s in conv.stride):
+            raise TypeError(f"cannot convert {name}: asymmetric 'same' padding")
+        return tuple(t // 2 for t in total)
+    return conv.padding
+
+
+def _replace_children(model: nn.Module, make, prefix: str = "") -> int:
+    """Replace every child module for which make(child, name) returns a module; returns the
+    number replaced. A module shared by several parents is replaced once, everywhere."""
+    done: dict[int, nn.Module] = {}
+
+    def visit(parent: nn.Module, path: str) -> None:
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            name = f"{path}.{child_name}" if path else child_name
+            if id(child) in done:
+                parent._modules[child_name] = done[id(child)]
+                continue
+            new = make(child, name)
+            if new is not None:
+                done[id(child)] = new
+                parent._modules[child_name] = new
+            else:
+                visit(child, name)
+
+    visit(model, prefix)
+    return len(done)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Swap every nn.Linear and nn.Conv2d of model (at any depth) for MaskedLinear /
+    MaskedConv2d, in place; returns model. Weights, biases and their names are kept; a layer
+    pruned with torch.nn.utils.prune keeps its mask (and loses the pruning hook). Layers that are
+    already masked are left alone. A subclass with its own forward, a layer with hooks, or a
+    model that is itself one such layer is refused (TypeError naming it)."""
+    def make(module, name):
+        if isinstance(module, (MaskedLinear, MaskedConv2d)):
+            return module
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return module  # attention's projection: its parent reads the weight, not forward
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            return _masked_twin(module, name)
+        return None
+
+    if isinstance(model, (nn.Linear, nn.Conv2d)):
+        raise TypeError("convert takes a model holding layers; wrap a single layer in "
+                        "nn.Sequential first")
+    _replace_children(model, make)
+    return model
+
+
+def _plain_twin(module: nn.Module, bake: bool) -> nn.Module:
+    """nn.Linear / nn.Conv2d computing what the masked module computes."""
+    kwargs = dict(bias=module.bias is not None, device=module.weight.device,
+                  dtype=module.weight.dtype)
+    if isinstance(module, MaskedLinear):
+        plain = nn.Linear(module.in_features, module.out_features, **kwargs)
+    else:
+        plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                          module.stride, module.padding, module.dilation, module.groups, **kwargs)
+    with torch.no_grad():
+        plain.weight.copy_(module.weight * module.weight_mask if bake else module.weight)
+        if module.bias is not None:
+            plain.bias.copy_(module.bias)
+    plain.train(module.training)
+    return plain
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Every masked layer of model back to a plain nn.Linear / nn.Conv2d with the pruned weights
+    set to zero, in place; returns model. The result computes the same outputs with stock
+    modules only, so it saves, loads, scripts and exports (torch.export) like any model."""
+    _replace_children(model, lambda m, name: _plain_twin(m, True)
+                      if isinstance(m, (MaskedLinear, MaskedConv2d)) else None)
+    return model
+
+
+def to_torch_prune(model: nn.Module) -> nn.Module:
+    """Every masked layer of model back to a plain layer pruned with torch.nn.utils.prune
+    (weight_orig + weight_mask), in place; returns model: the inverse of ``convert``."""
+    def make(module, name):
+        if not isinstance(module, (MaskedLinear, MaskedConv2d)):
+            return None
+        plain = _plain_twin(module, False)
+        prune.custom_from_mask(plain, "weight", module.weight_mask.detach().clone())
+        return plain
+
+    _replace_children(model, make)
+    return model
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of model's masked layers, in module order."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (MaskedLinear, MaskedConv2d))}
