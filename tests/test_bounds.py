@@ -10,88 +10,14 @@ from torch.nn.utils import prune
 
 from robprune_fast import bounds, models, ops, reference
 from robprune_fast.bounds import crown_steps as bound_steps
+from tests.helpers.bound_models import (TOL64, ball_samples, cnn, inputs, maxpool_cnn, mlp, randomise_bn,
+                                        resnet)
 
 METHODS = bounds.METHODS
-TOL64 = 1e-9
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _randomise_bn(model):
-    """Non-trivial running statistics and affine parameters, so eval-mode BN is a real affine map."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(-1.5, 1.5)  # negative scales too
-            m.bias.data.uniform_(-0.5, 0.5)
-    return model
-
-
-def _mlp():
-    torch.manual_seed(1)
-    return _randomise_bn(nn.Sequential(
-        models.Normalize((0.4,), (0.3,)), nn.Flatten(),
-        nn.Linear(36, 20), nn.BatchNorm1d(20), nn.ReLU(),
-        nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Identity(), nn.ReLU()),
-        nn.Linear(16, 5),
-    )).double().eval()
-
-
-def _cnn():
-    torch.manual_seed(2)
-    relu = nn.ReLU()  # one instance used twice: the walk must run it twice
-    model = nn.Sequential(
-        models.Normalize((0.5, 0.4), (0.25, 0.3)),
-        nn.Conv2d(2, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), relu,
-        nn.Conv2d(6, 8, 3, padding="same", dilation=2, groups=2), relu,
-        nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
-        nn.Conv2d(8, 8, 2, stride=2, bias=False), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(32, 12), nn.ReLU(), nn.Linear(12, 4),
-    )
-    # Masked layers in torch.nn.utils.prune's convention (weight_orig * weight_mask).
-    prune.random_unstructured(model[4], "weight", amount=0.5)
-    prune.random_unstructured(model[11], "weight", amount=0.3)
-    return _randomise_bn(model).double().eval()
-
-
-def _maxpool_cnn():
-    torch.manual_seed(3)
-    return nn.Sequential(
-        models.Normalize((0.5,), (0.25,)),
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, padding=1),
-        nn.Flatten(), nn.Linear(36, 3),
-    ).double().eval()
-
-
-def _resnet():
-    torch.manual_seed(4)
-    return _randomise_bn(nn.Sequential(
-        models.Normalize((0.5,), (0.25,)),
-        nn.Conv2d(1, 4, 3, padding=1, bias=False),
-        nn.Sequential(models.PreActBlock(4, 4, 1), models.PreActBlock(4, 8, 2)),
-        nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(3), nn.Flatten(), nn.Linear(8, 3),
-    )).double().eval()
-
-
-def _inputs(shape, n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, *shape, generator=g, dtype=torch.float64)
-    x[0].clamp_(0.2, 0.8)
-    x[1, ..., 0] = 0.0  # pixels on the border of [0, 1]: the clipping must be handled
-    x[1, ..., -1] = 1.0
-    return x
-
-
-def _ball_samples(x, eps, n):
-    """Uniform points and random vertices of the ball around each x, clipped to [0, 1]."""
-    u = torch.rand(n, *x.shape, dtype=x.dtype) * 2 - 1
-    u[: n // 2] = u[: n // 2].sign()  # vertices: where linear pieces reach their extremes
-    return (x + eps * u).clamp(0, 1)
 
 
 def _pgd(f, x, eps, steps=40, restarts=1, step=None):
@@ -122,7 +48,7 @@ def _assert_sound(model, x, eps, method, C=None, n=1000, pgd_steps=30):
     lower, upper = bounds.compute_bounds(model, x, eps, method, C)
     out = _outputs(model, C)
     with torch.no_grad():
-        ys = torch.stack([out(p) for p in _ball_samples(x, eps, n)])
+        ys = torch.stack([out(p) for p in ball_samples(x, eps, n)])
     assert (ys >= lower - TOL64).all() and (ys <= upper + TOL64).all()
     # PGD pushes every output coordinate up and down.
     for k in range(lower.shape[1]):
@@ -139,19 +65,19 @@ def _assert_sound(model, x, eps, method, C=None, n=1000, pgd_steps=30):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("build", [_mlp, _cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("build", [mlp, cnn], ids=["mlp", "cnn"])
 def test_sound_on_all_layers(build, method):
     model = build()
-    x = _inputs((1, 6, 6) if build is _mlp else (2, 10, 10))
+    x = inputs((1, 6, 6) if build is mlp else (2, 10, 10))
     _assert_sound(model, x, 0.06, method)
-    C = bounds.margin_spec(torch.tensor([0, 1, 2]), 5 if build is _mlp else 4, torch.float64)
+    C = bounds.margin_spec(torch.tensor([0, 1, 2]), 5 if build is mlp else 4, torch.float64)
     _assert_sound(model, x, 0.06, method, C, n=300, pgd_steps=15)
 
 
-@pytest.mark.parametrize("build", [_maxpool_cnn, _resnet], ids=["maxpool", "resnet"])
+@pytest.mark.parametrize("build", [maxpool_cnn, resnet], ids=["maxpool", "resnet"])
 def test_sound_ibp_only_layers(build):
     model = build()
-    x = _inputs((1, 8, 8))
+    x = inputs((1, 8, 8))
     _assert_sound(model, x, 0.05, "ibp")
     for method in ("crown-ibp", "crown"):
         with pytest.raises(NotImplementedError, match="MaxPool|PreActBlock|method='ibp'"):
@@ -159,7 +85,7 @@ def test_sound_ibp_only_layers(build):
 
 
 def test_intersected_crown_is_sound_and_at_least_as_tight():
-    model, x = _cnn(), _inputs((2, 10, 10))
+    model, x = cnn(), inputs((2, 10, 10))
     lower, upper = _assert_sound(model, x, 0.08, "crown", n=300, pgd_steps=10)
     li, ui = bounds.compute_bounds(model, x, 0.08, "crown", intersect_ibp=True)
     li2, ui2 = bounds.compute_bounds(model, x, 0.08, "crown", intersect_ibp=True)
@@ -167,23 +93,23 @@ def test_intersected_crown_is_sound_and_at_least_as_tight():
     lo_ibp, up_ibp = bounds.compute_bounds(model, x, 0.08, "ibp")
     assert (li >= torch.maximum(lower, lo_ibp) - 1e-9).all()
     assert (ui <= torch.minimum(upper, up_ibp) + 1e-9).all()
-    out = model(_ball_samples(x, 0.08, 400).flatten(0, 1)).view(400, *li.shape)
+    out = model(ball_samples(x, 0.08, 400).flatten(0, 1)).view(400, *li.shape)
     assert (out >= li - TOL64).all() and (out <= ui + TOL64).all()
 
 
 def test_float32_bounds_are_sound_within_tolerance():
-    model = _cnn().float()
-    x = _inputs((2, 10, 10)).float()
+    model = cnn().float()
+    x = inputs((2, 10, 10)).float()
     for method in METHODS:
         lower, upper = bounds.compute_bounds(model, x, 0.05, method)
         assert lower.dtype == torch.float32
         with torch.no_grad():
-            ys = torch.stack([model(p) for p in _ball_samples(x, 0.05, 300)])
+            ys = torch.stack([model(p) for p in ball_samples(x, 0.05, 300)])
         assert (ys >= lower - 1e-4).all() and (ys <= upper + 1e-4).all()
 
 
 def test_zero_eps_gives_the_output():
-    model, x = _cnn(), _inputs((2, 10, 10))
+    model, x = cnn(), inputs((2, 10, 10))
     for method in METHODS:
         lower, upper = bounds.compute_bounds(model, x, 0.0, method)
         assert torch.allclose(lower, model(x), atol=1e-10)
@@ -197,9 +123,9 @@ def test_zero_eps_gives_the_output():
 def test_folded_specification_shared_and_per_input_agree():
     """IBP with C folded into the last layer: a batch with few distinct specifications (the
     shared-GEMM path) gives the bounds each input gets alone (the per-input path)."""
-    model = _mlp()
+    model = mlp()
     torch.manual_seed(6)
-    x = _inputs((1, 6, 6), n=24)
+    x = inputs((1, 6, 6), n=24)
     y = torch.tensor([0, 3, 1] * 8)  # 3 distinct margin specifications for 24 inputs
     C = bounds.margin_spec(y, 5, dtype=torch.float64)
     assert 3 * bounds.ibp.DISTINCT_SPEC_FRACTION <= 24
@@ -213,8 +139,8 @@ def test_folded_specification_shared_and_per_input_agree():
 def test_colliding_specifications_are_not_grouped():
     """Two different C whose grouping keys collide are caught by the exact check: the folded
     last layer then takes the per-input path and each input keeps its own C."""
-    model = _mlp()
-    x = _inputs((1, 6, 6), n=8)
+    model = mlp()
+    x = inputs((1, 6, 6), n=8)
     C = torch.zeros(8, 1, 5, dtype=torch.float64)
     C[::2, 0, 0] = 2.0   # key 2 * 1
     C[1::2, 0, 4] = 1.0  # key 1 * 2: the same key, another specification
@@ -226,8 +152,8 @@ def test_colliding_specifications_are_not_grouped():
         torch.testing.assert_close(upper[i:i + 1], up, atol=TOL64, rtol=0)
 
 
-@pytest.mark.parametrize("build,shape", [(_mlp, (1, 6, 6)), (_cnn, (2, 8, 8)),
-                                         (_maxpool_cnn, (1, 8, 8)), (_resnet, (1, 8, 8))],
+@pytest.mark.parametrize("build,shape", [(mlp, (1, 6, 6)), (cnn, (2, 8, 8)),
+                                         (maxpool_cnn, (1, 8, 8)), (resnet, (1, 8, 8))],
                          ids=["mlp", "cnn", "maxpool", "resnet"])
 @pytest.mark.parametrize("with_spec", [False, True], ids=["logits", "margins"])
 def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monkeypatch):
@@ -235,7 +161,7 @@ def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monke
     the same bounds, bit for bit, as the path that keeps every pre-activation box
     (bound_details), and neither x nor the model changes. With autograd it stays functional."""
     model = build()
-    x = _inputs(shape, n=4)
+    x = inputs(shape, n=4)
     with torch.no_grad():
         classes = model(x).shape[1]
     C = bounds.margin_spec(torch.tensor([0, 2, 1, 0]), classes, torch.float64) if with_spec else None
@@ -260,7 +186,7 @@ def test_one_linear_layer_is_exact_for_every_method():
     model = nn.Sequential(models.Normalize((0.3, 0.6), (0.2, 0.4)), nn.Flatten(),
                           nn.Linear(2 * 4 * 4, 6)).double()
     prune.random_unstructured(model[2], "weight", amount=0.4)
-    x, eps = _inputs((2, 4, 4), n=4), 0.1
+    x, eps = inputs((2, 4, 4), n=4), 0.1
     lo_in, up_in = (x - eps).clamp(0, 1).flatten(1), (x + eps).clamp(0, 1).flatten(1)
     # x -> W ((x - mean) / std) + b is affine in pixel space: x -> V x + d.
     std = model[0].std.expand(2, 4, 4).flatten()
@@ -348,7 +274,7 @@ def test_no_certified_point_is_broken_by_pgd():
 
 
 def test_verified_accuracy_reports_unstable_relus():
-    model, x = _cnn(), _inputs((2, 10, 10), n=4)
+    model, x = cnn(), inputs((2, 10, 10), n=4)
     y = model(x).argmax(1)
     result = bounds.verified_accuracy(model, x, y, 0.05, "crown")
     assert result.correct.all()
@@ -365,7 +291,7 @@ def test_verified_accuracy_reports_unstable_relus():
 
 
 def test_memory_cap_chunks_give_the_same_bounds():
-    model, x = _cnn(), _inputs((2, 10, 10), n=3)
+    model, x = cnn(), inputs((2, 10, 10), n=3)
     C = bounds.margin_spec(torch.tensor([0, 1, 3]), 4, torch.float64)
     for method in ("crown-ibp", "crown"):
         ref = bounds.compute_bounds(model, x, 0.05, method, C)
@@ -383,7 +309,7 @@ def test_chunk_sizes_respect_the_cap():
 
 
 def test_train_mode_batch_norm_uses_clean_batch_statistics():
-    model, frozen, x = _cnn(), _cnn(), _inputs((2, 10, 10), n=5)
+    model, frozen, x = cnn(), cnn(), inputs((2, 10, 10), n=5)
     model.train()
     before = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     lower, upper = bounds.compute_bounds(model, x, 0.03, "crown-ibp")
@@ -398,8 +324,8 @@ def test_train_mode_batch_norm_uses_clean_batch_statistics():
     assert torch.allclose(lower, ref_lower, atol=1e-10)
     assert torch.allclose(upper, ref_upper, atol=1e-10)
     # And the residual network, IBP in train mode, is sound for the frozen-statistics network.
-    res = _resnet().train()
-    xr = _inputs((1, 8, 8), n=4)
+    res = resnet().train()
+    xr = inputs((1, 8, 8), n=4)
     lo, up = bounds.compute_bounds(res, xr, 0.02, "ibp", differentiable=True)
     assert lo.requires_grad
     assert torch.isfinite(lo).all() and (lo <= up).all()

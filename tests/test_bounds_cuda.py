@@ -7,7 +7,9 @@ import torch
 from torch.nn.utils import prune
 
 from robprune_fast import bounds, loss_fusion, models, objectives
-from test_bounds import METHODS, TOL64, _ball_samples, _cnn, _inputs, _maxpool_cnn, _mlp, _resnet
+from tests.helpers.bound_models import TOL64, ball_samples, cnn, inputs, maxpool_cnn, mlp, resnet
+
+METHODS = bounds.METHODS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU = torch.device("cuda")
@@ -15,10 +17,10 @@ EPS = 0.05
 
 # name: (builder, input shape, methods it supports)
 MODELS = {
-    "mlp": (_mlp, (1, 6, 6), METHODS),
-    "cnn": (_cnn, (2, 10, 10), METHODS),
-    "maxpool": (_maxpool_cnn, (1, 8, 8), ("ibp",)),
-    "resnet": (_resnet, (1, 8, 8), ("ibp",)),
+    "mlp": (mlp, (1, 6, 6), METHODS),
+    "cnn": (cnn, (2, 10, 10), METHODS),
+    "maxpool": (maxpool_cnn, (1, 8, 8), ("ibp",)),
+    "resnet": (resnet, (1, 8, 8), ("ibp",)),
 }
 CASES = [(name, method) for name, (_, _, methods) in MODELS.items() for method in methods]
 
@@ -31,7 +33,7 @@ def _to_gpu(build, *tensors):
 
 def _assert_holds(model, x, lower, upper, C, slack, n=400):
     """Points of the ball, through the model on the GPU, land inside the GPU's bounds."""
-    samples = _ball_samples(x.cpu(), EPS, n).to(x.device)
+    samples = ball_samples(x.cpu(), EPS, n).to(x.device)
     with torch.no_grad():
         ys = model(samples.flatten(0, 1)).view(n, x.shape[0], -1)
     if C is not None:
@@ -45,7 +47,7 @@ def _assert_holds(model, x, lower, upper, C, slack, n=400):
 @pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
 def test_float64_bounds_match_cpu_and_hold(name, method, with_spec):
     build, shape, _ = MODELS[name]
-    model, x = build(), _inputs(shape, n=4)
+    model, x = build(), inputs(shape, n=4)
     with torch.no_grad():
         classes = model(x).shape[1]
     C = bounds.margin_spec(torch.tensor([0, 2, 1, 0]), classes, torch.float64) if with_spec else None
@@ -95,7 +97,7 @@ def test_float32_cnn_small_matches_cpu_even_with_tf32_on(method):
 
 
 def test_crown_chunks_under_a_small_memory_cap_on_gpu():
-    gmodel, gx = _to_gpu(_cnn, _inputs((2, 10, 10), n=4))
+    gmodel, gx = _to_gpu(cnn, inputs((2, 10, 10), n=4))
     whole = bounds.compute_bounds(gmodel, gx, EPS, "crown")
     chunked = bounds.compute_bounds(gmodel, gx, EPS, "crown", max_memory=4096)
     for a, b in zip(whole, chunked):
@@ -141,7 +143,7 @@ def test_fused_loss_bound_holds_on_gpu():
     gmodel, gx, gy = _to_gpu(_masked_digits_cnn, x, y)
     gmodel.eval()
     bound, _ = loss_fusion.fused_ce_bound(gmodel, gx, gy, 0.03, 10)
-    samples = _ball_samples(x, 0.03, 200).to(GPU)
+    samples = ball_samples(x, 0.03, 200).to(GPU)
     with torch.no_grad():
         losses = torch.stack([torch.nn.functional.cross_entropy(gmodel(p), gy, reduction="none")
                               for p in samples])
@@ -149,11 +151,11 @@ def test_fused_loss_bound_holds_on_gpu():
 
 
 def test_verified_accuracy_agrees_with_cpu():
-    model = _cnn()
-    x = _inputs((2, 10, 10), n=6)
+    model = cnn()
+    x = inputs((2, 10, 10), n=6)
     y = model(x).argmax(1)
     cpu = bounds.verified_accuracy(model, x, y, 0.01, "crown-ibp")
-    gmodel, gx, gy = _to_gpu(_cnn, x, y)
+    gmodel, gx, gy = _to_gpu(cnn, x, y)
     gpu = bounds.verified_accuracy(gmodel, gx, gy, 0.01, "crown-ibp")
     assert torch.equal(gpu.verified.cpu(), cpu.verified) and torch.equal(gpu.correct.cpu(), cpu.correct)
     torch.testing.assert_close(gpu.margin_lower.cpu(), cpu.margin_lower, atol=1e-9, rtol=1e-9)

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrizations, prune
 
 from robprune_fast import bounds, models, objectives, ops
 from robprune_fast.modes import eval_mode
+from tests.helpers.bound_models import ball_samples
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_float32_bounds_hold_for_the_float32_forward_with_large_weights():
     for method in bounds.METHODS:
         lower, upper = bounds.compute_bounds(model, x, 1e-3, method)
         with torch.no_grad():
-            for point in _ball_points(x, 1e-3, 64):
+            for point in ball_samples(x, 1e-3, 64):
                 out = model(point)
                 assert (out >= lower).all() and (out <= upper).all(), method
 
@@ -310,14 +311,6 @@ def test_relu_box_refuses_a_bad_radius_before_writing():
 # tests that let bugs through before
 
 
-def _ball_points(x, eps, n, seed=0):
-    """Random points and random corners of the ball around x, clipped to [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(n, *x.shape, generator=g, dtype=x.dtype) * 2 - 1
-    u[: n // 2] = u[: n // 2].sign()
-    return (x + eps * u).clamp(0, 1)
-
-
 @pytest.mark.parametrize("tail", ["relu", "batchnorm", "avgpool"])
 def test_ibp_with_a_specification_on_a_model_not_ending_in_linear(tail):
     """C @ output's radius needs |C|: a model whose last layer is not Linear takes the box of
@@ -335,7 +328,7 @@ def test_ibp_with_a_specification_on_a_model_not_ending_in_linear(tail):
     C = torch.randn(3, 4, 6, dtype=torch.float64)
     lower, upper = bounds.compute_bounds(model, x, 0.1, "ibp", C)
     with torch.no_grad():
-        for point in _ball_points(x, 0.1, 200):
+        for point in ball_samples(x, 0.1, 200):
             out = (C @ model(point).unsqueeze(-1)).squeeze(-1)
             assert (out >= lower).all() and (out <= upper).all()
 
@@ -472,7 +465,7 @@ def test_no_certified_point_of_a_random_model_is_broken(scale, masked):
             xv, yv = x[v.verified], y[v.verified]
             C = bounds.margin_spec(yv, 3)
             with torch.no_grad():
-                for point in _ball_points(xv, eps, 64, seed=trial):
+                for point in ball_samples(xv, eps, 64, seed=trial):
                     assert (model(point).argmax(1) == yv).all(), (method, trial)
             xa = _pgd_min(_worst_margin(model, C), xv, eps)
             assert (xa - xv).abs().max() <= eps + 1e-6
