@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.ops import DEVICES, compare_with_reference
+from tests.helpers.ops import DEVICES, MASKS, compare_with_reference, make_mask
 from robprune_fast import ops
-from test_crown_linear_backward import MASKS, make_mask
 
 # (leading dims of A, c_in, c_out, kernel, input_size, stride, padding, dilation, groups)
 GEOMETRIES = [

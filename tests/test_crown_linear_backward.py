@@ -3,19 +3,8 @@ opcheck, gradcheck, exactness of the step, the weight cache, bad input."""
 import pytest
 import torch
 
-from tests.helpers.ops import DEVICES, TOL, compare_with_reference
+from tests.helpers.ops import DEVICES, MASKS, TOL, compare_with_reference, make_mask
 from robprune_fast import ops
-
-MASKS = ["none", "zeros", "ones", "random"]
-
-
-def make_mask(kind, weight):
-    if kind == "none":
-        return None
-    if kind == "random":
-        return (torch.rand_like(weight) > 0.5).to(weight.dtype)
-    return (torch.zeros_like if kind == "zeros" else torch.ones_like)(weight)
-
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

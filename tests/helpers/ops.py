@@ -14,7 +14,18 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float64: dict(atol=1e-10
 SOUND_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 CUDA = [torch.device("cuda")] if torch.cuda.is_available() else []
+# The masks a layer op is tested with: none, all pruned, none pruned, half.
+MASKS = ["none", "zeros", "ones", "random"]
 DEVICES = [torch.device("cpu")] + CUDA
+
+
+def make_mask(kind, weight):
+    """A mask of one of the MASKS kinds for weight (None for "none")."""
+    if kind == "none":
+        return None
+    if kind == "random":
+        return (torch.rand_like(weight) > 0.5).to(weight.dtype)
+    return (torch.zeros_like if kind == "zeros" else torch.ones_like)(weight)
 
 
 def make_box(shape, dtype, device, zero_radius_frac=0.1, generator=None):
