@@ -149,13 +149,14 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     write_image_folder(tmp_path / "ds", classes=("a", "b"))
     cache = tmp_path / "cache"
     first = data.load("imagefolder", tmp_path / "ds", cache_dir=cache)
-    decode = data._decode
-    monkeypatch.setattr(data, "_decode", lambda root: pytest.fail("decoded again despite the cache"))
+    decode = data.loading._decode
+    monkeypatch.setattr(data.loading, "_decode",
+                        lambda root: pytest.fail("decoded again despite the cache"))
     assert torch.equal(data.load("imagefolder", tmp_path / "ds", cache_dir=cache).train.images,
                        first.train.images)
     # A changed image changes the checksum: the stale cache must not be served.
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ds" / "train" / "a" / "0000.png")
-    monkeypatch.setattr(data, "_decode", decode)
+    monkeypatch.setattr(data.loading, "_decode", decode)
     changed = data.load("imagefolder", tmp_path / "ds", cache_dir=cache)
     assert changed.train.images[0].sum() == 0 and first.train.images[0].sum() > 0
     assert len(list(cache.glob("imagefolder-*.safetensors"))) == 2
@@ -184,7 +185,8 @@ def test_damaged_cache_is_decoded_again(tmp_path, monkeypatch, damage):
     with pytest.warns(UserWarning, match=re.escape(str(cached)) + ".*decoding .*ds again"):
         assert_matches(data.load("imagefolder", tmp_path / "ds", cache_dir=cache), expected)
     # The cache was rewritten whole: the next load reads it without decoding.
-    monkeypatch.setattr(data, "_decode", lambda root: pytest.fail("decoded despite a repaired cache"))
+    monkeypatch.setattr(data.loading, "_decode",
+                        lambda root: pytest.fail("decoded despite a repaired cache"))
     assert_matches(data.load("imagefolder", tmp_path / "ds", cache_dir=cache), expected)
 
 
