@@ -1,5 +1,5 @@
 # The two README commands and their set-up.
-#   make demo   the main job on the embedded digits data
+#   make demo   the main job (robprune run configs/demo.yaml) on the embedded digits data
 #   make test   build (reusing an earlier build) and run the tests
 # On a fresh machine both create .venv and install torch 2.14.1 / torchvision 0.29.1 first.
 
@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PACKAGES := torch==2.14.1 torchvision==0.29.1 numpy pytest expecttest ninja pybind11 \
-            scikit-learn tqdm safetensors pydantic
+            scikit-learn tqdm safetensors pydantic pyyaml matplotlib
 
 # The CUDA kernels compile without a GPU when a toolkit is found; FORCE_CUDA=0 skips them.
 CUDA_HOME ?= $(shell scripts/cuda_home.sh)
@@ -38,7 +38,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
-	$(PY) -m robprune_fast.demo --out runs/demo
+	$(VENV)/bin/robprune run configs/demo.yaml
 
 bench: build
 	$(PY) -m robprune_fast.bench

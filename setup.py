@@ -79,5 +79,8 @@ setup(
     ext_modules=[] if os.environ.get("ROBPRUNE_NO_EXT") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "safetensors", "tqdm", "scikit-learn", "pydantic>=2"],
+    install_requires=["torch", "numpy", "safetensors", "tqdm", "scikit-learn", "pydantic>=2",
+                      "pyyaml", "matplotlib"],
+    extras_require={"autoattack": ["pyautoattack"]},
+    entry_points={"console_scripts": ["robprune = robprune_fast.cli:main"]},
 )

@@ -46,8 +46,20 @@ def check_mask(mask: torch.Tensor, weight: torch.Tensor, name: str = "weight_mas
     return mask
 
 
+def top_k_straight_through(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The binary mask keeping the ``keep`` largest |scores| (ties broken by position, so
+    exactly ``keep`` ones), whose gradient passes straight through to the scores: what HYDRA
+    trains its importance scores with."""
+    flat = scores.detach().abs().flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+    hard = torch.zeros_like(flat).index_fill_(0, order, 1.0).view_as(scores)
+    # (scores - scores.detach()) is exactly 0, so the values are exactly the hard mask.
+    return hard + (scores - scores.detach())
+
+
 class _Masked:
-    """What MaskedLinear and MaskedConv2d share: the mask buffer, its checks, the path."""
+    """What MaskedLinear and MaskedConv2d share: the mask buffer, its checks, the path, and
+    optional importance scores (HYDRA) that decide the mask while they train."""
 
     weight: nn.Parameter
     weight_mask: torch.Tensor
@@ -55,6 +67,32 @@ class _Masked:
     def _init_mask(self, path: str):
         self.register_buffer("weight_mask", torch.ones_like(self.weight, requires_grad=False))
         self.path = path
+        self.scores: nn.Parameter | None = None
+        self.scores_keep = 0
+
+    def attach_scores(self, scores: torch.Tensor, keep: int) -> None:
+        """Let trainable scores decide the mask: the top ``keep`` |scores| (straight-through).
+        ``weight_mask`` is left as it is until ``detach_scores`` writes the scores' mask."""
+        if scores.shape != self.weight.shape:
+            raise ValueError(f"scores must have the weight's shape {tuple(self.weight.shape)}, "
+                             f"got {tuple(scores.shape)}")
+        if not 0 <= keep <= self.weight.numel():
+            raise ValueError(f"keep must lie in [0, {self.weight.numel()}], got {keep}")
+        self.scores = nn.Parameter(scores.detach().to(self.weight).clone())
+        self.scores_keep = int(keep)
+
+    @torch.no_grad()
+    def detach_scores(self) -> None:
+        """Write the scores' mask into weight_mask and drop the scores."""
+        if self.scores is not None:
+            self.weight_mask.copy_(top_k_straight_through(self.scores, self.scores_keep))
+            self.scores, self.scores_keep = None, 0
+
+    def effective_mask(self) -> torch.Tensor:
+        """The mask the forward applies: weight_mask, or the scores' top-k while they train."""
+        if self.scores is None:
+            return self.weight_mask
+        return top_k_straight_through(self.scores, self.scores_keep)
 
     @property
     def path(self) -> str:
@@ -103,7 +141,7 @@ class MaskedLinear(_Masked, nn.Linear):
         self._init_mask(path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.masked_linear(x, self.weight, self.bias, self.weight_mask, path=self.path)
+        return ops.masked_linear(x, self.weight, self.bias, self.effective_mask(), path=self.path)
 
 
 class MaskedConv2d(_Masked, nn.Conv2d):
@@ -120,7 +158,7 @@ class MaskedConv2d(_Masked, nn.Conv2d):
         self._init_mask(path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.masked_conv2d(x, self.weight, self.bias, self.weight_mask, self.stride,
+        return ops.masked_conv2d(x, self.weight, self.bias, self.effective_mask(), self.stride,
                                  self.padding, self.dilation, self.groups, path=self.path)
 
 

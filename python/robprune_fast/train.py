@@ -15,13 +15,13 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .data import Batches, Split, fingerprint
 from .objectives import Objective
 
@@ -115,13 +115,17 @@ def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def train_step(model, optimizer, objective: Objective, x, y, progress: float, lr: float,
                check_finite: bool = False):
-    """One optimizer step; returns (loss, number correct) as tensors (no host sync).
+    """One optimizer step on the global batch (x, y); returns (this process's summed loss,
+    number correct) as tensors (no host sync). Under torchrun each process takes its share of
+    the batch and the gradients are averaged (see ``distributed``).
 
     ``check_finite`` refuses a NaN/inf loss before it reaches the weights (FloatingPointError),
     at the price of a host sync.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
+    total = len(y)
+    x, y = distributed.share(x, y)
     if x.is_cuda and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device):
@@ -130,8 +134,9 @@ def train_step(model, optimizer, objective: Objective, x, y, progress: float, lr
         raise FloatingPointError(f"loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.average_gradients(model, len(y), total)
     optimizer.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    return loss.detach() * len(y), (logits.argmax(1) == y).sum()
 
 
 def _seed_epoch(seed: int, epoch: int) -> None:
@@ -208,7 +213,8 @@ def _diverged(problem: str, epoch: int, epochs: int, ckpt: Path) -> FloatingPoin
 
 
 def train(model: torch.nn.Module, split: Split, objective: Objective, config: TrainConfig,
-          out_dir: str | Path, device="cpu", run_info: dict | None = None) -> list[dict]:
+          out_dir: str | Path, device="cpu", run_info: dict | None = None,
+          on_epoch_start: Callable[[int], None] | None = None) -> list[dict]:
     """Train ``model`` in place on ``split``, resuming from ``out_dir`` if a checkpoint is there.
 
     Writes ``checkpoint.safetensors`` (+ ``.json``) after every epoch and one JSON line per epoch
@@ -217,6 +223,9 @@ def train(model: torch.nn.Module, split: Split, objective: Objective, config: Tr
     that differs in any of them is refused, naming what differs.  A NaN/inf loss or weight stops
     the run with a FloatingPointError before its checkpoint is written (on the CPU the loss is
     checked at every step, elsewhere once per epoch, to spare a host sync per step).
+    ``on_epoch_start(epoch)`` runs before each epoch (a gradual pruning schedule, say); what it
+    changes must live in the model's state, which the checkpoint holds. Under torchrun the
+    processes share each batch (``distributed``) and only rank 0 writes files.
     Returns the metrics of every epoch, earlier runs' epochs included.
     """
     if len(split) == 0:
@@ -239,11 +248,14 @@ def train(model: torch.nn.Module, split: Split, objective: Objective, config: Tr
         checkpoint.load(ckpt, model, optimizer)
         start_epoch, history = meta["epoch"] + 1, meta["history"]
     # Lines past the checkpoint come from an epoch that died before its checkpoint landed.
-    (out / METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
+    if distributed.is_main():
+        (out / METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
 
     total_steps = config.epochs * len(batches)
     model.train()
     for epoch in range(start_epoch, config.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         _seed_epoch(config.seed, epoch)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -259,8 +271,10 @@ def train(model: torch.nn.Module, split: Split, objective: Objective, config: Tr
             except FloatingPointError as e:
                 raise _diverged(f"{e} at epoch {epoch + 1}/{config.epochs}, step "
                                 f"{i + 1}/{len(batches)}", epoch, config.epochs, ckpt) from None
-            loss_sum += loss * len(y)
+            loss_sum += loss
             correct += hits
+        distributed.sum_(loss_sum), distributed.sum_(correct)
+        distributed.broadcast_buffers(model)
         if not _all_finite(loss_sum, model, optimizer):
             raise _diverged(f"the loss or the weights are not finite after epoch "
                             f"{epoch + 1}/{config.epochs}", epoch, config.epochs, ckpt)
@@ -270,8 +284,10 @@ def train(model: torch.nn.Module, split: Split, objective: Objective, config: Tr
                   "lr": learning_rate(config, step, total_steps), "seconds": seconds,
                   "samples_per_s": n / seconds}
         history.append(record)
-        checkpoint.save(ckpt, model, optimizer,
-                        {"identity": identity, "epoch": epoch, "history": history})
-        with open(out / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if distributed.is_main():
+            checkpoint.save(ckpt, model, optimizer,
+                            {"identity": identity, "epoch": epoch, "history": history})
+            with open(out / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        distributed.barrier()
     return history

@@ -28,8 +28,8 @@ from .layers import (AvgPool, BatchNorm, Conv, Flatten, Linear, MaxPool, Op, ReL
 # Known layers and the methods of theirs that decide what their forward computes. A subclass
 # may add anything else (extra_repr, init helpers) but must inherit these.
 _STOCK_METHODS = {
-    MaskedLinear: ("forward",),   # before their bases: isinstance picks the first match
-    MaskedConv2d: ("forward", "_conv_forward"),
+    MaskedLinear: ("forward", "effective_mask"),   # before their bases: isinstance picks
+    MaskedConv2d: ("forward", "_conv_forward", "effective_mask"),  # the first match
     nn.Sequential: ("forward", "__iter__"),
     nn.Linear: ("forward",),
     nn.Conv2d: ("forward", "_conv_forward"),
@@ -106,7 +106,7 @@ def _pruned_tensor(module: nn.Module, name: str):
 def _affine(module, label, dtype):
     """Linear / Conv op with the weight, bias and mask module's forward applies."""
     if isinstance(module, (MaskedLinear, MaskedConv2d)):
-        weight, mask = module.weight, module.weight_mask
+        weight, mask = module.weight, module.effective_mask()
     else:
         weight, mask = _pruned_tensor(module, "weight")
     bias, bias_mask = _pruned_tensor(module, "bias")
