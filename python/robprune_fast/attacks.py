@@ -2,7 +2,7 @@
 
 Every attack returns adversarial inputs that stay inside the eps-ball around ``x`` and inside
 [0, 1].  Attacks never change the model's train/eval mode and never touch parameter gradients:
-the caller decides the mode (objectives attack in eval mode, see objectives.py).
+the caller decides the mode (objectives attack in eval mode, see objectives/adversarial.py).
 """
 
 from __future__ import annotations
