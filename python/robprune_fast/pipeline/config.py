@@ -44,6 +44,7 @@ class DataConfig(Strict):
 
 class ModelConfig(Strict):
     name: str = "digits_cnn"          # a zoo network (robprune_fast.models)
+    ibp_init: bool = False            # Shi et al.'s IBP initialisation before pre-training
 
     @field_validator("name")
     @classmethod

@@ -145,7 +145,8 @@ class Run:
         compute=False: only load it (FileNotFoundError naming the command that makes it)."""
         cfg = self.config
         folder = self.stage_dir(self.out / "dense", {
-            "data": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "seed": cfg.seed,
+            "data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+            "seed": cfg.seed,
             "objective": cfg.objective.model_dump(mode="json"),
             "pretrain": cfg.pretrain.model_dump(mode="json", exclude={"progress_bar"})})
         model = self.build()
@@ -157,6 +158,8 @@ class Run:
         if cfg.pretrain.weights is not None:
             checkpoint.load(cfg.pretrain.weights, model)
         else:
+            if cfg.model.ibp_init:
+                objectives.ibp_initialization(model)
             objective, objective_cfg = self.objective("pretrain")
             history = train.train(model, self.train_split, objective, _train_config(cfg.pretrain),
                                   folder / "train", self.device, self._run_info("pretrain", objective_cfg))
