@@ -43,31 +43,31 @@ class Normalize(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
+def relu_net(mean, std, convs=(), hidden=(), flat: int = 0, num_classes: int = 10) -> nn.Sequential:
+    """Normalize, then conv layers (in, out, kernel, stride, padding) each with a ReLU, Flatten,
+    then linear layers of the ``hidden`` widths each with a ReLU, then the classifier; ``flat``
+    is the number of features after Flatten. The verifiable-training networks are of this kind."""
+    layers: list[nn.Module] = [Normalize(mean, std)]
+    for c_in, c_out, k, stride, padding in convs:
+        layers += [nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding), nn.ReLU()]
+    layers.append(nn.Flatten())
+    for width in hidden:
+        layers += [nn.Linear(flat, width), nn.ReLU()]
+        flat = width
+    layers.append(nn.Linear(flat, num_classes))
+    return nn.Sequential(*layers)
+
+
 def cnn_small(num_classes: int = 10, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> nn.Sequential:
     """HYDRA's "cifar_model": the small verifiable-training CNN (214,918 parameters)."""
-    return nn.Sequential(
-        Normalize(mean, std),
-        nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 8 * 8, 100), nn.ReLU(),
-        nn.Linear(100, num_classes),
-    )
+    return relu_net(mean, std, [(3, 16, 4, 2, 1), (16, 32, 4, 2, 1)], [100], 32 * 8 * 8,
+                    num_classes)
 
 
 def cnn_large(num_classes: int = 10, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> nn.Sequential:
     """HYDRA's "cifar_model_large" (2,466,858 parameters)."""
-    return nn.Sequential(
-        Normalize(mean, std),
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * 8 * 8, 512), nn.ReLU(),
-        nn.Linear(512, 512), nn.ReLU(),
-        nn.Linear(512, num_classes),
-    )
+    return relu_net(mean, std, [(3, 32, 3, 1, 1), (32, 32, 4, 2, 1), (32, 64, 3, 1, 1),
+                                (64, 64, 4, 2, 1)], [512, 512], 64 * 8 * 8, num_classes)
 
 
 VGG16_CHANNELS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -164,23 +164,13 @@ def wrn_28_4(num_classes: int = 10, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> nn.Se
 
 def digits_mlp(num_classes: int = 10, mean=DIGITS_MEAN, std=DIGITS_STD) -> nn.Sequential:
     """A two-layer MLP for 1x8x8 digits: the cheapest network for demos and bound tests."""
-    return nn.Sequential(
-        Normalize(mean, std), nn.Flatten(),
-        nn.Linear(64, 128), nn.ReLU(),
-        nn.Linear(128, num_classes),
-    )
+    return relu_net(mean, std, [], [128], 64, num_classes)
 
 
 def digits_cnn(num_classes: int = 10, mean=DIGITS_MEAN, std=DIGITS_STD) -> nn.Sequential:
     """A small CNN for 1x8x8 digits, shaped like cnn_small (two convs, two linears)."""
-    return nn.Sequential(
-        Normalize(mean, std),
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
-        nn.Linear(64, num_classes),
-    )
+    return relu_net(mean, std, [(1, 16, 3, 1, 1), (16, 32, 4, 2, 1)], [64], 32 * 4 * 4,
+                    num_classes)
 
 
 MODELS = {f.__name__: f for f in (cnn_small, cnn_large, vgg16_bn, wrn_28_4, digits_mlp, digits_cnn)}
