@@ -73,6 +73,44 @@ TORCH_LIBRARY(robprune_fast, m) {
       "masked_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor? mask, "
       "Tensor? weight_pair, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The compressed path: the weight as its kept values and their indices (csrc/sparse/sparse_index.h).
+  m.def(
+      "sparse_linear(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col, int out_features) "
+      "-> Tensor");
+  m.def(
+      "sparse_linear_t(Tensor g, Tensor values, Tensor col_ptr, Tensor row, Tensor csc_to_csr, "
+      "int in_features) -> Tensor");
+  m.def(
+      "sparse_linear_values_grad(Tensor g, Tensor x, Tensor col_ptr, Tensor row, Tensor csc_to_csr) -> Tensor");
+  m.def(
+      "sparse_linear_backward(Tensor grad, Tensor x, Tensor values, Tensor col_ptr, Tensor row, "
+      "Tensor csc_to_csr, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_conv2d(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "sparse_conv2d_t(Tensor g, Tensor values, Tensor col_ptr, Tensor row, Tensor csc_to_csr, "
+      "int[2] input_size, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) "
+      "-> Tensor");
+  m.def(
+      "sparse_conv2d_values_grad(Tensor g, Tensor x, Tensor row_ptr, Tensor col, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "sparse_interval_linear(Tensor center, Tensor radius, Tensor values, Tensor? bias, Tensor row_ptr, "
+      "Tensor col, int out_features, bool relu_in, bool out_bounds, bool check_radius=True) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_interval_linear_backward(Tensor grad_a, Tensor grad_b, Tensor center, Tensor radius, "
+      "Tensor values, Tensor row_ptr, Tensor col, Tensor col_ptr, Tensor row, Tensor csc_to_csr, "
+      "bool relu_in, bool out_bounds, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sparse_interval_conv2d(Tensor center, Tensor radius, Tensor values, Tensor? bias, Tensor row_ptr, "
+      "Tensor col, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool relu_in, bool out_bounds, bool check_radius=True) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_interval_conv2d_backward(Tensor grad_a, Tensor grad_b, Tensor center, Tensor radius, "
+      "Tensor values, Tensor row_ptr, Tensor col, Tensor col_ptr, Tensor row, Tensor csc_to_csr, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu_in, "
+      "bool out_bounds, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // One implementation per op serves both devices: it picks the CPU or CUDA kernels of its family
@@ -104,13 +142,31 @@ static void register_sparse_ops(torch::Library& m) {
   m.impl("masked_conv2d_backward", &robprune::masked_conv2d_backward);
 }
 
+// The compressed path has CPU kernels only for now.
+static void register_compressed_ops(torch::Library& m) {
+  m.impl("sparse_linear", &robprune::sparse_linear);
+  m.impl("sparse_linear_t", &robprune::sparse_linear_t);
+  m.impl("sparse_linear_values_grad", &robprune::sparse_linear_values_grad);
+  m.impl("sparse_linear_backward", &robprune::sparse_linear_backward);
+  m.impl("sparse_conv2d", &robprune::sparse_conv2d);
+  m.impl("sparse_conv2d_t", &robprune::sparse_conv2d_t);
+  m.impl("sparse_conv2d_values_grad", &robprune::sparse_conv2d_values_grad);
+  m.impl("sparse_interval_linear", &robprune::sparse_interval_linear);
+  m.impl("sparse_interval_linear_backward", &robprune::sparse_interval_linear_backward);
+  m.impl("sparse_interval_conv2d", &robprune::sparse_interval_conv2d);
+  m.impl("sparse_interval_conv2d_backward", &robprune::sparse_interval_conv2d_backward);
+}
+
 static void register_ops(torch::Library& m) {
   register_interval_ops(m);
   register_crown_ops(m);
   register_sparse_ops(m);
 }
 
-TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_ops(m); }
+TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) {
+  register_ops(m);
+  register_compressed_ops(m);
+}
 
 #ifdef ROBPRUNE_WITH_CUDA
 TORCH_LIBRARY_IMPL(robprune_fast, CUDA, m) { register_ops(m); }

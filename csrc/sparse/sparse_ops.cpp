@@ -1,15 +1,27 @@
-// The sparse family's ops: argument checks, then one algorithm for both devices. The dense path
-// of masked_linear / masked_conv2d is a layer of one product (contractions.h) on the effective
-// weight, its weight and mask gradients made in one pass by the interval family's
-// masked_weight_grad; linear and conv2d share it, templated on the contraction.
+// The sparse family's ops: argument checks, then the algorithm. The dense path of
+// masked_linear / masked_conv2d (both devices) is a layer of one product (contractions.h) on the
+// effective weight, its weight and mask gradients made in one pass by the interval family's
+// masked_weight_grad; linear and conv2d share it, templated on the contraction. The compressed
+// path (CPU) lays its operands out as planes (sparse_planes.h), turns the kept weights into entry
+// lists (sparse_index.h) and runs the products of sparse_kernels.h over them.
 #include "sparse_ops.h"
 
+#include "../interval/interval_kernels.h"
 #include "../interval/interval_ops.h"
+#include "sparse_index.h"
+#include "sparse_kernels.h"
+#include "sparse_planes.h"
+#include "sparse_buffers.h"
+
+#include <robprune/for_each_cpu.h>
 
 #include <robprune/checks.h>
 #include <robprune/contractions.h>
 #include <robprune/layer_args.h>
 
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/accumulate.h>
 
 #include <vector>
@@ -111,6 +123,665 @@ Grads4 masked_conv2d_backward(const at::Tensor& grad, const at::Tensor& x, const
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0),
               "grad must have masked_conv2d's output shape, got ", grad.sizes());
   return backward(k, grad, x, weight, mask, weight_pair, output_mask);
+}
+
+// --- the compressed path -----------------------------------------------------------------------
+
+namespace {
+
+constexpr const char* kRadiusMessage =
+    "radius must be >= 0 everywhere (no negative or NaN entries); build a box from bounds with "
+    "robprune_fast.ops.box_from_bounds(lower, upper)";
+
+template <class T>
+const T* data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <class T>
+T* mutable_data(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cpu(), "the compressed path runs on the CPU only for now; ", name, " is on ", t.device());
+}
+
+void check_bias(const c10::optional<at::Tensor>& bias, int64_t out, const at::Tensor& ref, const char* ref_name) {
+  if (!bias) return;
+  check_like(*bias, "bias", ref, ref_name);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must have shape (", out, ",), got ", bias->sizes());
+}
+
+void check_box(const at::Tensor& center, const at::Tensor& radius) {
+  check_float(center, "center");
+  check_like(radius, "radius", center, "center");
+  check_same_shape(radius, "radius", center, "center");
+  check_cpu(center, "center");
+}
+
+// The gradients of an op's two outputs, each shaped like `shape`.
+void check_grads(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& ref, at::IntArrayRef shape,
+                 const char* op) {
+  check_like(grad_a, "grad_a", ref, "center");
+  check_like(grad_b, "grad_b", ref, "center");
+  TORCH_CHECK(grad_a.sizes() == shape && grad_b.sizes() == shape, "grad_a and grad_b must have the shape of ", op,
+              "'s outputs ", shape, ", got ", grad_a.sizes(), " and ", grad_b.sizes());
+}
+
+PackOp box_op(bool relu_in, bool check_radius) {
+  return relu_in ? PackOp::kReluBox : check_radius ? PackOp::kCheckBox : PackOp::kCopy;
+}
+
+// A Product over batch-contiguous rows (a linear layer or its transpose): `channels` one-row
+// planes of n columns, written to out (and out1) as (n, channels), the layer's layout. Channel
+// o's entries are [ptr[o], ptr[o + 1]), entry e reads input row index[e] with weight w[e].
+template <class T>
+void batch_product(const at::Tensor& ptr, const at::Tensor& index, int64_t in_rows, const at::Tensor& w,
+                   const Batch& in, int64_t n, T* out, T* out1, const T* bias, bool out_bounds) {
+  Product<T> p;
+  p.channels = ptr.numel() - 1;
+  p.cols = n;
+  p.start = ptr.const_data_ptr<int32_t>();
+  p.w = w.const_data_ptr<T>();
+  p.indexed = true;
+  p.index = index.const_data_ptr<int32_t>();
+  p.index_stride = in.ld;
+  p.index_rows = in_rows;
+  p.in = data<T>(in.rows.a);
+  p.in1 = data<T>(in.rows.b);
+  p.out = out;
+  p.out1 = out1;
+  p.out_row = p.channels;
+  p.bias = bias;
+  p.interval = in.rows.b.defined();
+  p.out_bounds = out_bounds;
+  p.overread = true;
+  CpuSparseKernels::product(p);
+}
+
+// A Dot over batch-contiguous rows: dw (in the values' order) from the output gradient g (out
+// rows) and the input x (in rows), over the CSC: channel c holds input row c, which its entries
+// multiply by the rows of g, small enough to stay in L2 (out_features x N, where the input's
+// in_features x N would not), with one lane sum per kept weight. values: the weights, read for
+// their sign (interval only).
+template <class T>
+void batch_dot(const Csc& csc, const Batch& g, const Batch& x, int64_t n, const at::Tensor& values, T* dw) {
+  Dot<T> p;
+  p.channels = csc.col_ptr.numel() - 1;
+  p.cols = n;
+  p.start = csc.col_ptr.const_data_ptr<int32_t>();
+  p.w = data<T>(values);
+  p.indexed = true;
+  p.index = csc.row.const_data_ptr<int32_t>();
+  p.index_stride = g.ld;
+  p.perm = csc.csc_to_csr.const_data_ptr<int32_t>();
+  p.g = data<T>(x.rows.a);
+  p.g1 = data<T>(x.rows.b);
+  p.g_channel = x.ld;
+  p.in = data<T>(g.rows.a);
+  p.in1 = data<T>(g.rows.b);
+  p.dw = dw;
+  p.interval = g.rows.b.defined();
+  CpuSparseKernels::dot(p);
+}
+
+}  // namespace
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& row_ptr, const at::Tensor& col, int64_t out_features) {
+  check_float(x, "x");
+  check_dim(x, "x", 2, "(N, in_features)");
+  check_values(values, x, "x");
+  TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
+  check_bias(bias, out_features, x, "x");
+  check_cpu(x, "x");
+  const Csr csr = check_csr(row_ptr, col, values.numel(), out_features, x.size(1), "out_features",
+                            "in_features = x.size(1)", x, "x");
+  const Batch in = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput);
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_sparse_linear", [&] {
+    batch_product<scalar_t>(csr.row_ptr, csr.col, x.size(1), v, in, x.size(0), mutable_data<scalar_t>(y), nullptr,
+                            data<scalar_t>(b), false);
+  });
+  return y;
+}
+
+at::Tensor sparse_linear_t(const at::Tensor& g, const at::Tensor& values, const at::Tensor& col_ptr,
+                           const at::Tensor& row, const at::Tensor& csc_to_csr, int64_t in_features) {
+  check_float(g, "g");
+  check_dim(g, "g", 2, "(N, out_features)");
+  check_values(values, g, "g");
+  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  check_cpu(g, "g");
+  const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), g.size(1), in_features,
+                            "out_features = g.size(1)", "in_features", g, "g");
+  const Batch in = batch_rows(g, at::Tensor(), PackOp::kCopy, Scratch::kGradient);
+  const at::Tensor w = csc_values(csc, values);
+  at::Tensor x = at::empty({g.size(0), in_features}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robprune_sparse_linear_t", [&] {
+    batch_product<scalar_t>(csc.col_ptr, csc.row, g.size(1), w, in, g.size(0), mutable_data<scalar_t>(x), nullptr,
+                            nullptr, false);
+  });
+  return x;
+}
+
+at::Tensor sparse_linear_values_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& col_ptr,
+                                     const at::Tensor& row, const at::Tensor& csc_to_csr) {
+  check_float(g, "g");
+  check_dim(g, "g", 2, "(N, out_features)");
+  check_like(x, "x", g, "g");
+  check_dim(x, "x", 2, "(N, in_features)");
+  TORCH_CHECK(x.size(0) == g.size(0), "x must have g's batch size ", g.size(0), ", got ", x.size(0));
+  check_cpu(g, "g");
+  TORCH_CHECK(row.dim() == 1, "row must be 1-D (one row per kept weight), got shape ", row.sizes());
+  const int64_t nnz = row.size(0);
+  const Csc csc = check_csc(col_ptr, row, csc_to_csr, nnz, g.size(1), x.size(1), "out_features = g.size(1)",
+                            "in_features = x.size(1)", g, "g");
+  const Batch gb = batch_rows(g, at::Tensor(), PackOp::kCopy, Scratch::kGradient);
+  const Batch xb = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput);
+  at::Tensor dw = at::empty({nnz}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robprune_sparse_linear_values_grad", [&] {
+    batch_dot<scalar_t>(csc, gb, xb, g.size(0), at::Tensor(), mutable_data<scalar_t>(dw));
+  });
+  return dw;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                          const at::Tensor& values, const at::Tensor& col_ptr,
+                                                          const at::Tensor& row, const at::Tensor& csc_to_csr,
+                                                          std::array<bool, 2> need) {
+  check_float(grad, "grad");
+  check_dim(grad, "grad", 2, "(N, out_features)");
+  check_like(x, "x", grad, "grad");
+  check_dim(x, "x", 2, "(N, in_features)");
+  TORCH_CHECK(x.size(0) == grad.size(0), "x must have grad's batch size ", grad.size(0), ", got ", x.size(0));
+  check_values(values, grad, "grad");
+  check_cpu(grad, "grad");
+  const int64_t n = grad.size(0), in_features = x.size(1), out_features = grad.size(1);
+  const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), out_features, in_features,
+                            "out_features = grad.size(1)", "in_features = x.size(1)", grad, "grad");
+  const Batch g = batch_rows(grad, at::Tensor(), PackOp::kCopy, Scratch::kGradient);
+  const Batch xb = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput);
+  const at::Tensor w = csc_values(csc, values);
+  at::Tensor g_x = at::empty({n, in_features}, x.options()), g_v = at::empty({values.numel()}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "robprune_sparse_linear_backward", [&] {
+    Product<scalar_t> p;
+    p.channels = in_features;
+    p.cols = n;
+    p.start = csc.col_ptr.const_data_ptr<int32_t>();
+    p.w = w.const_data_ptr<scalar_t>();
+    p.indexed = true;
+    p.index = csc.row.const_data_ptr<int32_t>();
+    p.index_stride = g.ld;
+    p.index_rows = out_features;
+    p.in = data<scalar_t>(g.rows.a);
+    p.out = mutable_data<scalar_t>(g_x);
+    p.out_row = in_features;
+    p.overread = true;
+    p.self = data<scalar_t>(xb.rows.a);
+    p.self_row = xb.ld;
+    p.dw = mutable_data<scalar_t>(g_v);
+    p.perm = csc.csc_to_csr.const_data_ptr<int32_t>();
+    CpuSparseKernels::product(p);
+  });
+  return {need[0] ? g_x : at::empty({0}, x.options()), need[1] ? g_v : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_interval_linear(
+    const at::Tensor& center, const at::Tensor& radius, const at::Tensor& values,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& row_ptr, const at::Tensor& col,
+    int64_t out_features, bool relu_in, bool out_bounds, bool check_radius) {
+  check_box(center, radius);
+  check_dim(center, "center", 2, "(N, in_features)");
+  check_values(values, center, "center");
+  TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
+  check_bias(bias, out_features, center, "center");
+  const Csr csr = check_csr(row_ptr, col, values.numel(), out_features, center.size(1), "out_features",
+                            "in_features = center.size(1)", center, "center");
+  const int64_t n = center.size(0);
+  const Batch in = batch_rows(center, radius, box_op(relu_in, check_radius), Scratch::kInput);
+  TORCH_CHECK(!(check_radius && in.rows.bad), kRadiusMessage);
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
+  at::Tensor a = at::empty({n, out_features}, center.options()), z = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_linear", [&] {
+    batch_product<scalar_t>(csr.row_ptr, csr.col, center.size(1), v, in, n, mutable_data<scalar_t>(a),
+                            mutable_data<scalar_t>(z), data<scalar_t>(b), out_bounds);
+  });
+  return {a, z};
+}
+
+Grads4 sparse_interval_linear_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,
+                                       const at::Tensor& center, const at::Tensor& radius,
+                                       const at::Tensor& values, const at::Tensor& row_ptr,
+                                       const at::Tensor& col, const at::Tensor& col_ptr,
+                                       const at::Tensor& row, const at::Tensor& csc_to_csr, bool relu_in,
+                                       bool out_bounds, std::array<bool, 4> need) {
+  check_box(center, radius);
+  check_dim(center, "center", 2, "(N, in_features)");
+  check_values(values, center, "center");
+  const int64_t n = center.size(0), in_features = center.size(1), out_features = segments(row_ptr, "row_ptr");
+  check_grads(grad_a, grad_b, center, {n, out_features}, "sparse_interval_linear");
+  const Csr csr = check_csr(row_ptr, col, values.numel(), out_features, in_features, "out_features",
+                            "in_features = center.size(1)", center, "center");
+  const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), out_features, in_features, "out_features",
+                            "in_features = center.size(1)", center, "center");
+  // The gradients of the output's centre and radius, (out_features, n) each.
+  const Batch g = batch_rows(grad_a, grad_b, out_bounds ? PackOp::kBoundsGrad : PackOp::kCopy, Scratch::kGradient);
+  const at::Tensor v = values.contiguous();
+  at::Tensor g_c, g_r, g_v, g_bias;
+  if (need[3]) g_bias = g.rows.a.narrow(0, 0, out_features * g.ld).view({out_features, g.ld}).sum(1);
+  if (need[0] || need[1]) {
+    g_c = at::empty({n, in_features}, center.options());
+    g_r = at::empty_like(g_c);
+    AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_linear_backward", [&] {
+      batch_product<scalar_t>(csc.col_ptr, csc.row, out_features, csc_values(csc, v), g, n, mutable_data<scalar_t>(g_c),
+                              mutable_data<scalar_t>(g_r), nullptr, false);
+    });
+    if (relu_in)
+      std::tie(g_c, g_r) = IntervalKernels<CpuBackend>::prologue_backward(g_c, g_r, center.contiguous(),
+                                                                           radius.contiguous());
+  }
+  if (need[2]) {
+    const Batch x = batch_rows(center, radius, relu_in ? PackOp::kReluBox : PackOp::kCopy, Scratch::kInput);
+    g_v = at::empty({values.numel()}, values.options());
+    AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_linear_backward", [&] {
+      batch_dot<scalar_t>(csc, g, x, n, v, mutable_data<scalar_t>(g_v));
+    });
+  }
+  return {empty_if_unused(need[0] ? g_c : at::Tensor(), center), empty_if_unused(need[1] ? g_r : at::Tensor(), center),
+          empty_if_unused(g_v, center), empty_if_unused(g_bias, center)};
+}
+
+namespace {
+
+// The layout of a convolution with a weight (out_channels, channels / groups, kernel_size) over
+// an input (images, channels, size), the input named input_name in messages.
+ConvLayout conv_layout(int64_t images, int64_t channels, at::IntArrayRef size, const char* input_name,
+                       int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0,
+              "kernel_size must be two positive ints, got ", kernel_size);
+  TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
+  TORCH_CHECK(channels >= groups && channels % groups == 0, input_name, " has ", channels,
+              " channels, which groups = ", groups, " must divide (at least one channel per group)");
+  TORCH_CHECK(out_channels >= 1, "row_ptr must describe at least one output channel (out_channels + 1 >= 2 entries)");
+  const std::array<int64_t, 4> weight{out_channels, channels / groups, kernel_size[0], kernel_size[1]};
+  check_conv_geometry(channels, size, input_name, weight, stride, padding, dilation, groups);
+  return ConvLayout{images, channels, out_channels, groups,
+                    ConvAxis{size[0], kernel_size[0], stride[0], padding[0], dilation[0]},
+                    ConvAxis{size[1], kernel_size[1], stride[1], padding[1], dilation[1]}};
+}
+
+ConvLayout conv_layout(const at::Tensor& x, const char* name, int64_t out_channels, at::IntArrayRef kernel_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_dim(x, name, 4, "(N, C, H, W)");
+  return conv_layout(x.size(0), x.size(1), x.sizes().slice(2), name, out_channels, kernel_size, stride, padding,
+                     dilation, groups);
+}
+
+std::vector<int64_t> output_shape(const ConvLayout& l) {
+  return {l.images, l.out_channels, l.h.out(), l.w.out()};
+}
+
+Entries forward_entries(const Csr& csr, const at::Tensor& values, const at::Tensor& like, const ConvLayout& l) {
+  return csr_entries(csr, values, like, [&l](int64_t o, int32_t c) { return l.forward_offset(o, c); });
+}
+
+// The transposed convolution's entries. Channel (c, a, b) is the input's phase plane (a, b) of
+// channel c (plain channel c for stride 1); its entries are the kept weights (o, c, i, j) of
+// the taps with phase(i) = a, phase(j) = b, o in c's group, each reading the gradient planes of
+// channel o shifted back by the tap: the adjoint of the forward entry. `base` is added to every
+// offset (the padding, where the products write the unpadded input).
+Entries transposed_entries(const Csc& csc, const at::Tensor& values, const ConvLayout& l, int64_t base) {
+  const int64_t kh = l.h.kernel, kw = l.w.kernel, taps = kh * kw, phases = l.phases();
+  const int64_t channels = l.in_channels * phases, nnz = values.numel();
+  const int32_t* ptr = csc.col_ptr.const_data_ptr<int32_t>();
+  const int32_t* row = csc.row.const_data_ptr<int32_t>();
+  const int32_t* k = csc.csc_to_csr.const_data_ptr<int32_t>();
+  at::Tensor start = at::empty({channels + 1}, csc.col_ptr.options());
+  at::Tensor off = at::empty({nnz}, csc.col_ptr.options().dtype(at::kLong));
+  at::Tensor w = at::empty({nnz}, values.options());
+  const at::Tensor v = values.contiguous();
+  int32_t* s = start.mutable_data_ptr<int32_t>();
+  int64_t* o = off.mutable_data_ptr<int64_t>();
+  // Calls f(entry e, tap i, tap j) for every entry of channel ch, in order.
+  auto each = [&](int64_t ch, auto&& f) {
+    const int64_t c = ch / phases, a = ch % phases / l.w.stride, b = ch % l.w.stride;
+    const int64_t group = c / l.in_per_group(), first = group * l.out_per_group();
+    for (int64_t i = 0; i < kh; ++i) {
+      if (l.h.phase(i) != a) continue;
+      for (int64_t j = 0; j < kw; ++j) {
+        if (l.w.phase(j) != b) continue;
+        const int64_t column = c % l.in_per_group() * taps + i * kw + j;
+        for (int32_t e = ptr[column]; e < ptr[column + 1]; ++e)
+          if (row[e] >= first && row[e] < first + l.out_per_group()) f(e, i, j);
+      }
+    }
+  };
+  s[0] = 0;
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    int32_t count = 0;
+    each(ch, [&](int32_t, int64_t, int64_t) { ++count; });
+    s[ch + 1] = s[ch] + count;
+  }
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "robprune_sparse_transposed_entries", [&] {
+    const scalar_t* src = v.const_data_ptr<scalar_t>();
+    scalar_t* dst = w.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, channels, std::max<int64_t>(1, channels * kSerialEntries / std::max<int64_t>(nnz, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        int64_t at = s[ch];
+        each(ch, [&](int32_t e, int64_t i, int64_t j) {
+          dst[at] = src[k[e]];
+          o[at] = row[e] * l.plane_g() + (l.h.max_shift() - l.h.shift(i)) * l.cols_g() +
+                  (l.w.max_shift() - l.w.shift(j)) + base;
+          ++at;
+        });
+      }
+    });
+  });
+  return {start, w, off};
+}
+
+template <class T>
+void forward_product(const Entries& en, const ConvLayout& l, const Planes& in, T* out, T* out1, const T* bias,
+                     bool out_bounds) {
+  Product<T> p;
+  p.images = l.images;
+  p.channels = l.out_channels;
+  p.rows = l.h.out();
+  p.cols = l.w.out();
+  p.start = en.start.const_data_ptr<int32_t>();
+  p.w = en.w.const_data_ptr<T>();
+  p.off = en.off.const_data_ptr<int64_t>();
+  p.in = data<T>(in.a);
+  p.in1 = data<T>(in.b);
+  p.in_image = l.in_channels * l.phases() * l.plane_q();
+  p.in_row = l.cols_q();
+  p.out = out;
+  p.out1 = out1;
+  p.out_image = l.out_channels * p.rows * p.cols;
+  p.out_channel = p.rows * p.cols;
+  p.out_row = p.cols;
+  p.bias = bias;
+  p.interval = in.b.defined();
+  p.out_bounds = out_bounds;
+  p.overread = true;
+  CpuSparseKernels::product(p);
+}
+
+// Stride 1: the products write the unpadded input (N, C, H, W) itself; else its phase planes,
+// which unphase() reorders.
+bool writes_input(const ConvLayout& l) {
+  return l.h.stride == 1 && l.w.stride == 1;
+}
+
+template <class T>
+void transposed_product(const Entries& en, const ConvLayout& l, const Planes& g, T* out, T* out1) {
+  const bool direct = writes_input(l);
+  Product<T> p;
+  p.images = l.images;
+  p.channels = direct ? l.in_channels : l.in_channels * l.phases();
+  p.rows = direct ? l.h.in : l.rows_q();
+  p.cols = direct ? l.w.in : l.cols_q();
+  p.start = en.start.const_data_ptr<int32_t>();
+  p.w = en.w.const_data_ptr<T>();
+  p.off = en.off.const_data_ptr<int64_t>();
+  p.in = data<T>(g.a);
+  p.in1 = data<T>(g.b);
+  p.in_image = l.out_channels * l.plane_g();
+  p.in_row = l.cols_g();
+  p.out = out;
+  p.out1 = out1;
+  p.out_channel = p.rows * p.cols;
+  p.out_image = p.channels * p.out_channel;
+  p.out_row = p.cols;
+  p.interval = g.b.defined();
+  p.overread = true;
+  CpuSparseKernels::product(p);
+}
+
+// Where the products write an (N, C, H, W) result: the op's output itself (fresh) when it is
+// final, else a scratch buffer that a later pass (another memory format, a ReLU's gradient)
+// turns into the output.
+at::Tensor nchw_result(at::IntArrayRef shape, const at::TensorOptions& options, bool final, Scratch slot) {
+  if (final) return fresh(shape, options);
+  return scratch(slot, c10::multiply_integers(shape), options).view(shape);
+}
+
+// The result in `format`: a fresh copy of a scratch buffer (scratch never leaves an op), or the
+// result itself, reformatted when needed.
+at::Tensor released(const at::Tensor& result, bool from_scratch, at::MemoryFormat format) {
+  if (!from_scratch) return result.contiguous(format);
+  return fresh(result.sizes(), result.options(), format).copy_(result);
+}
+
+// The input's buffer the transposed products write: (N, C, H, W) (as nchw_result), or its
+// phase planes (scratch, unphase() makes the input from them).
+at::Tensor transposed_output(const ConvLayout& l, const at::TensorOptions& options, bool final, Scratch slot) {
+  if (writes_input(l)) return nchw_result({l.images, l.in_channels, l.h.in, l.w.in}, options, final, slot);
+  return scratch(slot, l.images * l.in_channels * l.phases() * l.plane_q(), options);
+}
+
+// (N, C, H, W) from the phase planes: input pixel (y, x) sits in phase ((y + pad_h) % s_h,
+// (x + pad_w) % s_w) at ((y + pad_h) / s_h, (x + pad_w) / s_w).
+at::Tensor unphase(const at::Tensor& z, const ConvLayout& l) {
+  if (writes_input(l)) return z;
+  const ConvAxis &h = l.h, &w = l.w;
+  const at::Tensor planes = z.view({l.images, l.in_channels, h.stride, w.stride, l.rows_q(), l.cols_q()});
+  at::Tensor x = fresh({l.images, l.in_channels, h.in, w.in}, z.options());
+  for (int64_t a = 0; a < h.stride; ++a)
+    for (int64_t b = 0; b < w.stride; ++b) {
+      const int64_t y0 = ((a - h.pad) % h.stride + h.stride) % h.stride;
+      const int64_t x0 = ((b - w.pad) % w.stride + w.stride) % w.stride;
+      if (y0 >= h.in || x0 >= w.in) continue;
+      at::Tensor dst = x.slice(2, y0, h.in, h.stride).slice(3, x0, w.in, w.stride);
+      dst.copy_(planes.select(2, a).select(2, b).narrow(2, (y0 + h.pad) / h.stride, dst.size(2))
+                    .narrow(3, (x0 + w.pad) / w.stride, dst.size(3)));
+    }
+  return x;
+}
+
+// A pointer to the region (the output gradient itself) of gradient planes.
+template <class T>
+const T* gradient_region(const at::Tensor& planes, const ConvLayout& l) {
+  return planes.defined() ? data<T>(planes) + l.h.max_shift() * l.cols_g() + l.w.max_shift() : nullptr;
+}
+
+template <class T>
+void forward_dot(const Entries& en, const ConvLayout& l, const T* g, const T* g1, int64_t g_image, int64_t g_channel,
+                 int64_t g_row, const Planes& in, T* dw) {
+  Dot<T> p;
+  p.images = l.images;
+  p.channels = l.out_channels;
+  p.rows = l.h.out();
+  p.cols = l.w.out();
+  p.start = en.start.const_data_ptr<int32_t>();
+  p.w = data<T>(en.w);
+  p.off = en.off.const_data_ptr<int64_t>();
+  p.g = g;
+  p.g1 = g1;
+  p.g_image = g_image;
+  p.g_channel = g_channel;
+  p.g_row = g_row;
+  p.in = data<T>(in.a);
+  p.in1 = data<T>(in.b);
+  p.in_image = l.in_channels * l.phases() * l.plane_q();
+  p.in_row = l.cols_q();
+  p.dw = dw;
+  p.interval = g1 != nullptr;
+  CpuSparseKernels::dot(p);
+}
+
+}  // namespace
+
+at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& row_ptr, const at::Tensor& col, at::IntArrayRef kernel_size,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t groups) {
+  check_float(x, "x");
+  check_values(values, x, "x");
+  check_cpu(x, "x");
+  const ConvLayout l =
+      conv_layout(x, "x", segments(row_ptr, "row_ptr"), kernel_size, stride, padding, dilation, groups);
+  check_bias(bias, l.out_channels, x, "x");
+  const Csr csr = check_csr(row_ptr, col, values.numel(), l.out_channels, l.columns(),
+                            "out_channels", "C_in / groups * kH * kW", x, "x");
+  const Planes in = input_planes(x, at::Tensor(), l, PackOp::kCopy);
+  const Entries en = forward_entries(csr, values, x, l);
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const auto format = x.suggest_memory_format();
+  const bool nchw = format == at::MemoryFormat::Contiguous;
+  const at::Tensor y = nchw_result(output_shape(l), x.options(), nchw, Scratch::kOutput);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_sparse_conv2d", [&] {
+    forward_product<scalar_t>(en, l, in, mutable_data<scalar_t>(y), nullptr, data<scalar_t>(b), false);
+  });
+  return released(y, !nchw, format);
+}
+
+at::Tensor sparse_conv2d_t(const at::Tensor& g, const at::Tensor& values, const at::Tensor& col_ptr,
+                           const at::Tensor& row, const at::Tensor& csc_to_csr, at::IntArrayRef input_size,
+                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups) {
+  check_float(g, "g");
+  check_dim(g, "g", 4, "(N, C_out, H_out, W_out)");
+  check_values(values, g, "g");
+  check_cpu(g, "g");
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0,
+              "kernel_size must be two positive ints, got ", kernel_size);
+  TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
+  TORCH_CHECK(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0,
+              "input_size must be two positive ints, got ", input_size);
+  const int64_t taps = kernel_size[0] * kernel_size[1], cols = segments(col_ptr, "col_ptr");
+  TORCH_CHECK(cols > 0 && cols % taps == 0, "col_ptr must have C_in / groups * kH * kW + 1 entries (a positive ",
+              "multiple of kH * kW = ", taps, ", plus one), got ", cols + 1);
+  const ConvLayout l = conv_layout(g.size(0), cols / taps * groups, input_size, "input_size", g.size(1), kernel_size,
+                                   stride, padding, dilation, groups);
+  TORCH_CHECK(g.size(2) == l.h.out() && g.size(3) == l.w.out(), "g's spatial size ", g.sizes().slice(2),
+              " must be the layer's output size (", l.h.out(), ", ", l.w.out(), ") for input_size ", input_size);
+  const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), l.out_channels, cols, "out_channels = g.size(1)",
+                            "C_in / groups * kH * kW", g, "g");
+  const Planes gp = gradient_planes(g, at::Tensor(), l, PackOp::kCopy);
+  const Entries en = transposed_entries(csc, values, l, writes_input(l) ? l.h.pad * l.cols_g() + l.w.pad : 0);
+  const auto format = g.suggest_memory_format();
+  const bool final = writes_input(l) && format == at::MemoryFormat::Contiguous;
+  const at::Tensor z = transposed_output(l, g.options(), final, Scratch::kOutput);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robprune_sparse_conv2d_t", [&] {
+    transposed_product<scalar_t>(en, l, gp, mutable_data<scalar_t>(z), nullptr);
+  });
+  return released(unphase(z, l), writes_input(l) && !final, format);
+}
+
+at::Tensor sparse_conv2d_values_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& row_ptr,
+                                     const at::Tensor& col, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_float(x, "x");
+  check_like(g, "g", x, "x");
+  check_cpu(x, "x");
+  const ConvLayout l =
+      conv_layout(x, "x", segments(row_ptr, "row_ptr"), kernel_size, stride, padding, dilation, groups);
+  TORCH_CHECK(g.sizes() == at::IntArrayRef(output_shape(l)), "g must have sparse_conv2d's output shape ",
+              output_shape(l), ", got ", g.sizes());
+  TORCH_CHECK(col.dim() == 1, "col must be 1-D (one column per kept weight), got shape ", col.sizes());
+  const Csr csr = check_csr(row_ptr, col, col.size(0), l.out_channels, l.columns(),
+                            "out_channels", "C_in / groups * kH * kW", x, "x");
+  const Planes in = input_planes(x, at::Tensor(), l, PackOp::kCopy);
+  const Entries en = forward_entries(csr, at::Tensor(), x, l);
+  const at::Tensor gc = g.contiguous();
+  at::Tensor dw = at::empty({col.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_sparse_conv2d_values_grad", [&] {
+    const int64_t plane = l.h.out() * l.w.out();
+    forward_dot<scalar_t>(en, l, data<scalar_t>(gc), nullptr, l.out_channels * plane, plane, l.w.out(), in,
+                          mutable_data<scalar_t>(dw));
+  });
+  return dw;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_interval_conv2d(
+    const at::Tensor& center, const at::Tensor& radius, const at::Tensor& values,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& row_ptr, const at::Tensor& col,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, bool relu_in, bool out_bounds, bool check_radius) {
+  check_box(center, radius);
+  check_values(values, center, "center");
+  const ConvLayout l = conv_layout(center, "center", segments(row_ptr, "row_ptr"), kernel_size, stride, padding,
+                                   dilation, groups);
+  check_bias(bias, l.out_channels, center, "center");
+  const Csr csr = check_csr(row_ptr, col, values.numel(), l.out_channels, l.columns(),
+                            "out_channels", "C_in / groups * kH * kW", center, "center");
+  const Planes in = input_planes(center, radius, l, box_op(relu_in, check_radius));
+  TORCH_CHECK(!(check_radius && in.bad), kRadiusMessage);
+  const Entries en = forward_entries(csr, values, center, l);
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const auto format = center.suggest_memory_format();
+  const bool nchw = format == at::MemoryFormat::Contiguous;
+  const at::Tensor a = nchw_result(output_shape(l), center.options(), nchw, Scratch::kOutput);
+  const at::Tensor z = nchw_result(output_shape(l), center.options(), nchw, Scratch::kOutput1);
+  AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_conv2d", [&] {
+    forward_product<scalar_t>(en, l, in, mutable_data<scalar_t>(a), mutable_data<scalar_t>(z), data<scalar_t>(b),
+                              out_bounds);
+  });
+  return {released(a, !nchw, format), released(z, !nchw, format)};
+}
+
+Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tensor& grad_b,
+                                       const at::Tensor& center, const at::Tensor& radius,
+                                       const at::Tensor& values, const at::Tensor& row_ptr,
+                                       const at::Tensor& col, const at::Tensor& col_ptr,
+                                       const at::Tensor& row, const at::Tensor& csc_to_csr,
+                                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                       bool relu_in, bool out_bounds, std::array<bool, 4> need) {
+  check_box(center, radius);
+  check_values(values, center, "center");
+  const ConvLayout l = conv_layout(center, "center", segments(row_ptr, "row_ptr"), kernel_size, stride, padding,
+                                   dilation, groups);
+  check_grads(grad_a, grad_b, center, output_shape(l), "sparse_interval_conv2d");
+  const int64_t cols = l.columns();
+  const Csr csr = check_csr(row_ptr, col, values.numel(), l.out_channels, cols, "out_channels",
+                            "C_in / groups * kH * kW", center, "center");
+  const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), l.out_channels, cols, "out_channels",
+                            "C_in / groups * kH * kW", center, "center");
+  // The gradients of the output's centre and radius as gradient planes.
+  const Planes g = gradient_planes(grad_a, grad_b, l, out_bounds ? PackOp::kBoundsGrad : PackOp::kCopy);
+  at::Tensor g_c, g_r, g_v, g_bias;
+  if (need[3])
+    g_bias = g.a.narrow(0, 0, l.images * l.out_channels * l.plane_g()).view({l.images, l.out_channels, -1}).sum({0, 2});
+  if (need[0] || need[1]) {
+    const Entries en = transposed_entries(csc, values, l, writes_input(l) ? l.h.pad * l.cols_g() + l.w.pad : 0);
+    const auto format = center.suggest_memory_format();
+    // The products' buffers are the gradients themselves only when nothing follows them.
+    const bool final = writes_input(l) && !relu_in && format == at::MemoryFormat::Contiguous;
+    const at::Tensor zc = transposed_output(l, center.options(), final, Scratch::kOutput);
+    const at::Tensor zr = transposed_output(l, center.options(), final, Scratch::kOutput1);
+    AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_conv2d_backward", [&] {
+      transposed_product<scalar_t>(en, l, g, mutable_data<scalar_t>(zc), mutable_data<scalar_t>(zr));
+    });
+    g_c = unphase(zc, l);
+    g_r = unphase(zr, l);
+    // After unphase (fresh) or a ReLU's gradient (fresh), nothing is scratch any more.
+    bool from_scratch = writes_input(l) && !final;
+    if (relu_in) {
+      std::tie(g_c, g_r) = IntervalKernels<CpuBackend>::prologue_backward(g_c, g_r, center.contiguous(),
+                                                                           radius.contiguous());
+      from_scratch = false;
+    }
+    g_c = released(g_c, from_scratch, format);
+    g_r = released(g_r, from_scratch, format);
+  }
+  if (need[2]) {
+    const Planes in = input_planes(center, radius, l, relu_in ? PackOp::kReluBox : PackOp::kCopy);
+    const Entries en = forward_entries(csr, values, center, l);
+    g_v = at::empty({values.numel()}, values.options());
+    AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_conv2d_backward", [&] {
+      forward_dot<scalar_t>(en, l, gradient_region<scalar_t>(g.a, l), gradient_region<scalar_t>(g.b, l),
+                            l.out_channels * l.plane_g(), l.plane_g(), l.cols_g(), in, mutable_data<scalar_t>(g_v));
+    });
+  }
+  return {empty_if_unused(need[0] ? g_c : at::Tensor(), center), empty_if_unused(need[1] ? g_r : at::Tensor(), center),
+          empty_if_unused(g_v, center), empty_if_unused(g_bias, center)};
 }
 
 }  // namespace robprune

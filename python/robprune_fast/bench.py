@@ -14,6 +14,12 @@ Forward runs inside ops.weight_cache() (weights fixed, as in evaluation and veri
 forward+backward runs without it (in training the weights change every step). GFLOP/s are
 counted on the plain layer's FLOPs (x2 for interval passes) and set against the machine's
 measured float32 matmul rate.
+
+The sparse section (``--sections sparse``) times the compressed path of the masked layers
+(``ops.masked_linear`` / ``masked_conv2d`` with path="sparse") on a linear 4096 -> 512 and a
+conv 32 -> 64 3x3 on 32x32 at several sparsities, against the dense layer on W * M and, for the
+linear layer, torch's CSR matmul; and the interval forward of the compressed path against the
+dense fused interval op. It also gives the crossover density path="auto" measured (ops.crossover).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import platform
 import random
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,8 @@ from torch import nn
 from . import build_info, ops, reference
 from .bounds.crown_steps import neurons_last
 from .models import Normalize, build
+from .ops import crossover, sparse
+from .ops.sparse_index import pack_mask
 
 
 def _sync(device: torch.device):
@@ -258,6 +267,105 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+# --- the compressed path of the masked layers ------------------------------------------------------
+
+SPARSITIES = (0.5, 0.9, 0.95, 0.99)
+
+
+def sparse_layers(batch, device):
+    """(name, op, x, weight, bias, conv options) of the compressed path's two benchmark layers."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    return [("linear 4096->512", "linear", rand(batch, 4096), rand(512, 4096) / 64, rand(512), {}),
+            ("conv 32->64 3x3 32x32", "conv2d", rand(batch, 32, 32, 32), rand(64, 32, 3, 3) / 17, rand(64),
+             dict(stride=1, padding=1))]
+
+
+def layer_variants(op, x, weight, bias, mask, options, backward):
+    """The masked layer three ways: dense (F.linear / F.conv2d on weight * mask), the compressed
+    path, and (linear) torch's CSR matmul on the kept values; each from fresh leaves, the weight
+    gathered per call as in training, backward into x, weight and bias."""
+    leaves = [t.detach().clone().requires_grad_(backward) for t in (x, weight, bias)]
+    index = pack_mask(mask)
+    crow, col = index.row_ptr.long(), index.col.long()
+
+    def run(fn):
+        def step():
+            with torch.set_grad_enabled(backward):
+                y = fn(*leaves)
+                if backward:
+                    y.backward(torch.ones_like(y))
+        return step
+
+    def torch_csr(x, w, b):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+            csr = torch.sparse_csr_tensor(crow, col, torch.take(w, index.flat_index), size=w.shape,
+                                          check_invariants=False)
+        return torch.sparse.mm(csr, x.t()).t() + b
+
+    if op == "linear":
+        fns = dict(dense=lambda x, w, b: F.linear(x, w * mask, b),
+                   sparse=lambda x, w, b: ops.masked_linear(x, w, b, mask, path="sparse"), torch_csr=torch_csr)
+    else:
+        fns = dict(dense=lambda x, w, b: F.conv2d(x, w * mask, b, **options),
+                   sparse=lambda x, w, b: ops.masked_conv2d(x, w, b, mask, **options, path="sparse"))
+    return {name: run(fn) for name, fn in fns.items()}
+
+
+def interval_variants(op, x, weight, bias, mask, options, eps=2 / 255):
+    """The interval forward (ReLU on the input box, bounds out) of the masked layer: the dense
+    fused op against the compressed path, inside ops.weight_cache() (weights fixed)."""
+    c, r = x, torch.full_like(x, eps)
+    if op == "linear":
+        call = lambda lib: lib.interval_linear(c, r, weight, bias, mask, relu_in=True, out_bounds=True)
+    else:
+        call = lambda lib: lib.interval_conv2d(c, r, weight, bias, mask, **options, relu_in=True, out_bounds=True)
+    return dict(dense_fused=lambda: call(ops), sparse=lambda: call(sparse))
+
+
+def bench_sparse(batch, device, repeats):
+    """Rows of the sparse section: per layer and sparsity, forward and forward + backward times
+    of every variant, the interval forward, and the path path="auto" takes."""
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for name, op, x, weight, bias, options in sparse_layers(batch, device):
+        geometry = tuple(ops.checks.conv_geometry(options["stride"], options["padding"], 1, 1)) if options else ()
+        threshold = crossover.crossover(op, tuple(x.shape), tuple(weight.shape), geometry, x.dtype, x.device)
+        for sparsity in SPARSITIES:
+            mask = (torch.rand(weight.shape, generator=g) >= sparsity).to(weight)
+            density = float(mask.mean())
+            row = dict(layer=name, sparsity=sparsity, density=density, crossover=threshold,
+                       auto="sparse" if density < threshold else "dense")
+            for mode in ("forward", "forward+backward"):
+                row[mode] = timeit(layer_variants(op, x, weight, bias, mask, options, mode == "forward+backward"),
+                                   device, repeats)
+            with ops.weight_cache(), torch.no_grad():
+                row["interval forward"] = timeit(interval_variants(op, x, weight, bias, mask, options), device, repeats)
+            rows.append(row)
+    return rows
+
+
+def format_sparse_table(result) -> str:
+    lines = [f"Compressed path: batch {result['batch']}, {result['threads']} threads; ms (median of "
+             f"{result['repeats']} interleaved repetitions)", "",
+             "| layer | sparsity | mode | dense | sparse | torch CSR | dense / sparse | CSR / sparse | auto |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in result["sparse"]:
+        for mode in ("forward", "forward+backward", "interval forward"):
+            t = row[mode]
+            dense, ours, csr = t.get("dense", t.get("dense_fused")), t["sparse"], t.get("torch_csr")
+            csr_ms, csr_ratio = ("", "") if csr is None else (f"{csr * 1e3:.2f}", f"{csr / ours:.2f}x")
+            auto = row["auto"] if mode != "interval forward" else ""
+            lines.append(f"| {row['layer']} | {100 * row['sparsity']:.0f}% | {mode} | {dense * 1e3:.2f} | "
+                         f"{ours * 1e3:.2f} | {csr_ms} | {dense / ours:.2f}x | {csr_ratio} | {auto} |")
+    crossovers = {row["layer"]: row["crossover"] for row in result["sparse"]}
+    lines += ["", "auto's measured crossover density (sparse below it): " +
+              ", ".join(f"{name} {value:.3f}" for name, value in crossovers.items()),
+              "interval forward: dense = the fused dense interval op (ops.interval_*), both inside weight_cache()."]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -266,26 +374,40 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true",
                         help="run every variant (plain included) in channels_last memory format")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--sections", nargs="+", choices=["ibp", "sparse"], default=["ibp", "sparse"],
+                        help="what to run: ibp (interval bounds through cnn_large and CROWN's steps), "
+                             "sparse (the compressed path of the masked layers)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be positive")
     device = torch.device(args.device)
+    result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                  batch=args.batch, repeats=args.repeats, torch=torch.__version__, threads=torch.get_num_threads(),
+                  build=build_info())
+    if "ibp" in args.sections:
+        result.update(bench_ibp(args, device))
+        print(format_table(result))
+    if "sparse" in args.sections:
+        result["sparse"] = bench_sparse(args.batch, device, args.repeats)
+        print(format_sparse_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def bench_ibp(args, device) -> dict:
+    """The interval section: each layer of cnn_large and the whole network, and CROWN's steps."""
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build("cnn_large").to(device, memory_format=layout)
     x = torch.rand(args.batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
     check_agreement(model, x)
     layers = bench_layers(model, x, device, args.repeats)
-    result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                  batch=args.batch, memory_format="channels_last" if args.channels_last else "contiguous", torch=torch.__version__, threads=torch.get_num_threads(),
-                  build=build_info(), matmul_gflops=matmul_peak(device, args.repeats), layers=layers,
-                  network_gflop=sum(row["plain_gflop"] for row in layers),
-                  network=bench_network(model, x, device, args.repeats),
-                  crown_steps=bench_crown_steps(args.batch, device, args.repeats))
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    return dict(memory_format="channels_last" if args.channels_last else "contiguous",
+                matmul_gflops=matmul_peak(device, args.repeats), layers=layers,
+                network_gflop=sum(row["plain_gflop"] for row in layers),
+                network=bench_network(model, x, device, args.repeats),
+                crown_steps=bench_crown_steps(args.batch, device, args.repeats))
 
 
 if __name__ == "__main__":

@@ -179,3 +179,93 @@ def masked_linear(x, weight, bias=None, mask=None):
 def masked_conv2d(x, weight, bias=None, mask=None, stride=1, padding=0, dilation=1, groups=1):
     """``F.conv2d(x, weight * mask, bias, ...)``: a pruned conv2d layer."""
     return F.conv2d(x, effective_weight(weight, mask), bias, stride, padding, dilation, groups)
+
+
+# --- the compressed path ---------------------------------------------------------------------------
+#
+# A pruned layer's weight as its kept values and their indices (``ops.sparse.pack_mask``): the 2-D
+# view W2 = weight.view(out, -1) in CSR (row_ptr [out + 1], col [nnz], values [nnz] in row-major
+# order) and CSC (col_ptr [cols + 1], row [nnz], csc_to_csr [nnz]: CSC entry e is values[csc_to_csr[e]]).
+# The twins rebuild W2 densely (differentiable in values) and run the dense layer.
+
+
+def csr_rows(row_ptr: torch.Tensor) -> torch.Tensor:
+    """The row of every CSR entry (int64), from row_ptr."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+
+
+def csr_dense(values, row_ptr, col, cols: int) -> torch.Tensor:
+    """W2 (rows, cols) from its CSR (rows: row_ptr's length less one)."""
+    w = values.new_zeros(row_ptr.numel() - 1, cols)
+    return w.index_put((csr_rows(row_ptr), col.long()), values)
+
+
+def csc_dense(values, col_ptr, row, csc_to_csr, rows: int) -> torch.Tensor:
+    """W2 (rows, cols) from its CSC (cols: col_ptr's length less one)."""
+    w = values.new_zeros(rows, col_ptr.numel() - 1)
+    return w.index_put((row.long(), csr_rows(col_ptr)), values[csc_to_csr.long()])
+
+
+def _conv_weight(w2, channels_per_group: int, kernel_size) -> torch.Tensor:
+    return w2.view(w2.shape[0], channels_per_group, *kernel_size)
+
+
+def sparse_linear(x, values, bias, row_ptr, col, out_features: int):
+    """``F.linear(x, W2, bias)`` for x (N, in_features), W2 (out_features, in_features)."""
+    return F.linear(x, csr_dense(values, row_ptr, col, x.shape[1]), bias)
+
+
+def sparse_linear_t(g, values, col_ptr, row, csc_to_csr, in_features: int):
+    """``g @ W2`` for g (N, out_features), W2 (out_features, in_features): a linear layer's input
+    gradient, CROWN's step."""
+    return g @ csc_dense(values, col_ptr, row, csc_to_csr, g.shape[1])
+
+
+def sparse_linear_values_grad(g, x, col_ptr, row, csc_to_csr):
+    """Per kept weight k: sum over the batch of g[n, row_k] * x[n, col_k], given the CSC; the
+    result in the values' (CSR) order."""
+    per_entry = (g[:, row.long()] * x[:, csr_rows(col_ptr)]).sum(0)
+    return torch.empty_like(per_entry).index_put_((csc_to_csr.long(),), per_entry)
+
+
+def sparse_conv2d(x, values, bias, row_ptr, col, kernel_size, stride, padding, dilation, groups):
+    """``F.conv2d(x, W, bias, ...)`` with W2 = W.view(out, -1) given by its CSR."""
+    cg = x.shape[1] // groups
+    w = csr_dense(values, row_ptr, col, cg * kernel_size[0] * kernel_size[1])
+    return F.conv2d(x, _conv_weight(w, cg, kernel_size), bias, stride, padding, dilation, groups)
+
+
+def sparse_conv2d_t(g, values, col_ptr, row, csc_to_csr, input_size, kernel_size, stride, padding,
+                    dilation, groups):
+    """The transposed convolution of g (N, C_out, H_out, W_out) back to an input of spatial size
+    input_size: sparse_conv2d's input gradient, CROWN's step through it."""
+    w2 = csc_dense(values, col_ptr, row, csc_to_csr, g.shape[1])
+    cg = w2.shape[1] // (kernel_size[0] * kernel_size[1])
+    w = _conv_weight(w2, cg, kernel_size)
+    shape = (g.shape[0], cg * groups, *input_size)
+    return torch.nn.grad.conv2d_input(shape, w, g, stride, padding, dilation, groups)
+
+
+def sparse_conv2d_values_grad(g, x, row_ptr, col, kernel_size, stride, padding, dilation, groups):
+    """Per kept weight: the gradient of sparse_conv2d's output (g) with respect to it."""
+    cg = x.shape[1] // groups
+    shape = (g.shape[1], cg, *kernel_size)
+    w2 = torch.nn.grad.conv2d_weight(x, shape, g, stride, padding, dilation, groups).reshape(shape[0], -1)
+    return w2[csr_rows(row_ptr), col.long()]
+
+
+def sparse_interval_linear(center, radius, values, bias, row_ptr, col, out_features: int,
+                           relu_in=False, out_bounds=False):
+    """interval_linear with W2 (out_features, in_features) given by its CSR."""
+    w = csr_dense(values, row_ptr, col, center.shape[1])
+    return interval_linear(center, radius, w, bias, None, relu_in, out_bounds)
+
+
+def sparse_interval_conv2d(center, radius, values, bias, row_ptr, col, kernel_size, stride, padding,
+                           dilation, groups, relu_in=False, out_bounds=False):
+    """interval_conv2d with W2 given by its CSR."""
+    cg = center.shape[1] // groups
+    w = csr_dense(values, row_ptr, col, cg * kernel_size[0] * kernel_size[1])
+    return interval_conv2d(center, radius, _conv_weight(w, cg, kernel_size), bias, None, stride,
+                           padding, dilation, groups, relu_in, out_bounds)

@@ -6,7 +6,7 @@ import torch
 from robprune_fast import ops, reference
 
 # The paths the masked ops can take (see ops.masked).
-PATHS = ["dense"]
+PATHS = ["dense", "sparse"]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
 
@@ -42,3 +42,38 @@ def compare(name, x, weight, bias, mask, options, path, dtype, mask_grad=True):
             torch.testing.assert_close(ta.grad, tb.grad, **TOL[dtype], msg=f"grad of {name_}")
     if mask is not None:
         assert (a[1].grad[mask == 0] == 0).all(), "a pruned weight received a gradient"
+
+
+# --- the compressed path's ops (tests/test_sparse_*.py) -------------------------------------------
+
+
+def compressed(weight, mask):
+    """(SparseIndex, values) of weight under a binary mask, values a leaf that requires grad."""
+    from robprune_fast.ops.sparse_index import pack_mask
+
+    index = pack_mask(mask)
+    return index, torch.take(weight.detach(), index.flat_index).requires_grad_(True)
+
+
+def compare_op(op, twin, args, dtype, grads=True):
+    """op(*args) against twin(*args): outputs, and the gradients of every floating tensor argument
+    (leaves made here) under random cotangents."""
+    def leaves():
+        return [a.detach().clone().requires_grad_(grads) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                else a for a in args]
+    a, b = leaves(), leaves()
+    got, want = op(*a), twin(*b)
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, **TOL[dtype])
+    if not grads:
+        return got
+    cots = [torch.randn_like(w) for w in want]
+    torch.autograd.backward(list(got), cots)
+    torch.autograd.backward(list(want), cots)
+    for i, (ta, tb) in enumerate(zip(a, b)):
+        if isinstance(ta, torch.Tensor) and ta.requires_grad:
+            torch.testing.assert_close(ta.grad, tb.grad, **TOL[dtype], msg=f"grad of argument {i}")
+    return got

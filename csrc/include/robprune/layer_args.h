@@ -55,9 +55,10 @@ inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int6
 }
 
 // A conv2d layer's geometry against its input: `channels` input channels of spatial size
-// `size` (H, W), the input being named `input_name` in messages.
+// `size` (H, W), the input being named `input_name` in messages, and a weight of shape
+// weight_sizes (out_channels, in_channels / groups, kH, kW), named "weight" in messages.
 inline void check_conv_geometry(int64_t channels, at::IntArrayRef size, const char* input_name,
-                                const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef weight_sizes, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0,
               "stride must be two positive ints, got ", stride);
@@ -66,18 +67,24 @@ inline void check_conv_geometry(int64_t channels, at::IntArrayRef size, const ch
   TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
               "dilation must be two positive ints, got ", dilation);
   TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
-  TORCH_CHECK(weight.size(0) % groups == 0, "weight.size(0) (out_channels = ", weight.size(0),
+  TORCH_CHECK(weight_sizes[0] % groups == 0, "weight.size(0) (out_channels = ", weight_sizes[0],
               ") must be divisible by groups = ", groups);
-  TORCH_CHECK(channels == weight.size(1) * groups, input_name, " has ", channels,
+  TORCH_CHECK(channels == weight_sizes[1] * groups, input_name, " has ", channels,
               " channels but weight expects in_channels = weight.size(1) * groups = ",
-              weight.size(1) * groups);
+              weight_sizes[1] * groups);
   TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, input_name,
               "'s spatial size must be positive, got ", size);
   for (int d = 0; d < 2; ++d) {
-    const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+    const int64_t extent = dilation[d] * (weight_sizes[2 + d] - 1) + 1;
     TORCH_CHECK(size[d] + 2 * padding[d] >= extent, input_name, "'s spatial size ", size,
                 " plus padding ", padding, " is smaller than the dilated kernel (", extent, ")");
   }
+}
+
+inline void check_conv_geometry(int64_t channels, at::IntArrayRef size, const char* input_name,
+                                const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_conv_geometry(channels, size, input_name, weight.sizes(), stride, padding, dilation, groups);
 }
 
 // Weight-shaped tensors are laid out in the weight's own memory format: channels_last weights

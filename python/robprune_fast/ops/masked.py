@@ -8,15 +8,19 @@ Two paths compute the same thing. ``dense``: ATen's GEMM / convolution on weight
 fused into the one pass that makes the effective weight (once per weight update inside
 ``weight_cache()``) and into the weight gradient. ``sparse``: kernels over the compressed weight
 (``ops.sparse``) that skip pruned weights; they pay off below a density measured per layer shape
-and machine (``ops.sparse.crossover``). ``path="auto"`` picks by the mask's density; a mask that
-requires grad always takes the dense path, which is the one that makes the dense mask gradient.
+and machine (``ops.crossover``). ``path="auto"`` picks by the mask's density; a mask that
+requires grad always takes the dense path, which is the one that makes the dense mask gradient,
+and so does a device without compressed kernels and a trace (torch.compile).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .. import reference
-from ._dispatch import OPS, _C, call, use_kernel
+from . import sparse
+from ._dispatch import OPS, _C, call, has_kernel_for, use_kernel
 from .checks import check_layer, check_tensor, conv_geometry
 from .weight_pair import cached_weight_pair
 
@@ -38,8 +42,7 @@ def masked_linear(x, weight, bias=None, mask=None, path="auto"):
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dimension must equal weight.size(1) (in_features = "
                          f"{weight.shape[1]}), got shape {tuple(x.shape)}")
-    if _sparse(path, weight, mask):
-        from . import sparse
+    if _sparse(path, "linear", x, (math.prod(x.shape[:-1]), x.shape[-1]), weight, mask, ()):
         return sparse.linear(x, weight, bias, mask)
     return masked_linear_dense(x, weight, bias, mask)
 
@@ -62,8 +65,7 @@ def masked_conv2d(x, weight, bias=None, mask=None, stride=1, padding=0, dilation
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x has {x.shape[1]} channels but weight expects in_channels = "
                          f"weight.size(1) * groups = {weight.shape[1] * groups}")
-    if _sparse(path, weight, mask):
-        from . import sparse
+    if _sparse(path, "conv2d", x, tuple(x.shape), weight, mask, (stride, padding, dilation, groups)):
         return sparse.conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
     return masked_conv2d_dense(x, weight, bias, mask, stride, padding, dilation, groups)
 
@@ -76,8 +78,9 @@ def masked_conv2d_dense(x, weight, bias, mask, stride, padding, dilation, groups
     return reference.masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
 
 
-def _sparse(path, weight, mask):
-    """Whether this call takes the compressed path."""
+def _sparse(path, op, x, x_shape, weight, mask, geometry):
+    """Whether this call takes the compressed path; op, x_shape (a linear layer's as (rows,
+    in_features)) and geometry: the crossover's key."""
     if path == "dense" or mask is None:
         return False
     if mask.requires_grad and torch.is_grad_enabled():
@@ -86,8 +89,12 @@ def _sparse(path, weight, mask):
                              "mask requires grad, so use path='dense' or 'auto'")
         return False
     if path == "sparse":
-        raise NotImplementedError("the compressed path is not built yet; use path='dense'")
-    return False
+        return True
+    if (not has_kernel_for(f"sparse_{op}", x.device.type) or torch.compiler.is_compiling()
+            or isinstance(mask, torch._subclasses.FakeTensor)):
+        return False
+    density = sparse.mask_density(mask)
+    return density < 1 and density < sparse.crossover(op, x_shape, weight.shape, geometry, x.dtype, x.device)
 
 
 # --- fake kernels and autograd ------------------------------------------------------------------------

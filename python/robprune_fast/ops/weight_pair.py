@@ -49,6 +49,19 @@ if _C is not None:
 # ones made here, so a pair from this cache costs no pass over the weights.
 _pair_cache = WeakIdKeyDictionary()
 _cache_depth = 0
+# Other caches that live as long as a weight_cache() scope (the compressed path's values,
+# ops.sparse_index): cleared with the pairs when the outermost scope closes.
+_scope_caches = [_pair_cache.clear]
+
+
+def on_scope_exit(clear) -> None:
+    """Call clear() whenever the outermost weight_cache() scope closes."""
+    _scope_caches.append(clear)
+
+
+def caching() -> bool:
+    """Whether a weight_cache() scope is open (and this is no trace, where nothing is cached)."""
+    return _cache_depth > 0 and not torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager
@@ -63,7 +76,8 @@ def weight_cache():
     finally:
         _cache_depth -= 1
         if _cache_depth == 0:
-            _pair_cache.clear()
+            for clear in _scope_caches:
+                clear()
 
 
 def cached_weight_pair(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,831 @@
+// The compressed path's CPU kernels (sparse_kernels.h): SIMD over the contiguous rows of the
+// planes, one parallel region per kernel (on a busy machine each region may wait a scheduler
+// quantum for its second thread, so passes are not split into many).
+//
+// A Product computes a tile of RR rows x VC vectors of one output plane in registers: for every
+// entry of the channel it broadcasts the weight and adds weight * (the input tile at the
+// entry's offset), one load and one FMA per vector. The tile stays in registers across all the
+// entries (the output is written once), and the entries walk the input in column order, so a
+// channel's reads stay close together. A convolution's tile is RR rows of its output image,
+// its tasks ordered so that the channels of a row block share their input rows in L1. A linear
+// layer's tile is a chunk of one row of its batch (the input's chunk kept in L2), its output
+// stored transposed through registers; each kept weight then costs one input row read from L2
+// per chunk, which bounds it (about 0.6 ns per 16 floats on the 2-core Xeon it was tuned on).
+//
+// Portable builds (-O3, no -march) still get the machine's vectors: the loops are written once
+// with GCC vector types of the ISA's width and compiled three times, for AVX-512, AVX2 + FMA and
+// the x86-64 baseline (SSE2), through the target attribute; the first call picks the best the
+// CPU has (ROBPRUNE_SIMD=avx512|avx2|baseline overrides, for tests and comparisons).
+#include "sparse_kernels.h"
+
+#include "../interval/interval_math.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// Vector types wider than the baseline's appear in always-inline helpers whose only callers
+// enable the matching ISA; GCC warns that their ABI would change, which never happens here.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace robprune {
+namespace {
+
+#define ROBPRUNE_INLINE inline __attribute__((always_inline))
+
+template <class T, int BYTES>
+struct VecOf {
+  // aligned(sizeof(T)): loads and stores at any element address; may_alias: read through
+  // pointers to T.
+  typedef T type __attribute__((vector_size(BYTES), aligned(sizeof(T)), may_alias));
+};
+template <class T, int BYTES>
+using Vec = typename VecOf<T, BYTES>::type;
+
+template <int K>
+using Int = std::integral_constant<int, K>;
+
+template <class V, class T>
+ROBPRUNE_INLINE V load(const T* p) {
+  return *reinterpret_cast<const V*>(p);
+}
+
+template <class V, class T>
+ROBPRUNE_INLINE void store(T* p, V v) {
+  *reinterpret_cast<V*>(p) = v;
+}
+
+// The first n lanes (0 <= n <= lanes) from p, the others 0: never touches memory past p + n.
+template <class V, class T>
+ROBPRUNE_INLINE V load_first(const T* p, int n) {
+  V v = {};
+  std::memcpy(&v, p, sizeof(T) * n);
+  return v;
+}
+
+template <class V, class T>
+ROBPRUNE_INLINE void store_first(T* p, V v, int n) {
+  std::memcpy(p, &v, sizeof(T) * n);
+}
+
+template <class V, class T>
+ROBPRUNE_INLINE V splat(T x) {
+  return V{} + x;
+}
+
+// The sum of v's lanes, halving the vector each step: log2(lanes) dependent adds, where a loop
+// over the lanes would chain them all (the compiler may not reassociate float sums).
+template <class T, int BYTES>
+ROBPRUNE_INLINE T lane_sum(Vec<T, BYTES> v) {
+  if constexpr (BYTES == sizeof(T)) {
+    return v[0];
+  } else {
+    Vec<T, BYTES / 2> lo, hi;
+    std::memcpy(&lo, &v, BYTES / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + BYTES / 2, BYTES / 2);
+    return lane_sum<T, BYTES / 2>(lo + hi);
+  }
+}
+
+// One stage of an L x L transpose held in L vectors: rows i and i + D (i & D == 0) swap their
+// off-diagonal D x D blocks; stages D = L/2, ..., 1 transpose the whole block. low: row i's
+// result (its lanes j with j & D == 0, then row i + D's such lanes), high: row i + D's.
+template <int D, int L, class V, size_t... J>
+ROBPRUNE_INLINE V low_half(V a, V b, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, b, ((J & D) == 0 ? int(J) : int(J) - D + L)...);
+}
+
+template <int D, int L, class V, size_t... J>
+ROBPRUNE_INLINE V high_half(V a, V b, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, b, ((J & D) == 0 ? int(J) + D : int(J) + L)...);
+}
+
+// dst[i][j] = src[j][i] for an L x L block (L: the vector's lanes), rows src_row and dst_row
+// apart: L loads, log2(L) * L two-source shuffles, L stores.
+template <class T, int BYTES>
+ROBPRUNE_INLINE void transpose_block(const T* src, int64_t src_row, T* dst, int64_t dst_row) {
+  using V = Vec<T, BYTES>;
+  constexpr int L = BYTES / sizeof(T);
+  V r[L];
+  for (int i = 0; i < L; ++i) r[i] = load<V>(src + i * src_row);
+  auto stage = [&](auto distance) {
+    constexpr int D = decltype(distance)::value;
+    for (int i = 0; i < L; ++i)
+      if ((i & D) == 0) {
+        const V a = r[i], b = r[i + D];
+        r[i] = low_half<D, L>(a, b, std::make_index_sequence<L>{});
+        r[i + D] = high_half<D, L>(a, b, std::make_index_sequence<L>{});
+      }
+  };
+  if constexpr (L >= 16) stage(Int<8>{});
+  if constexpr (L >= 8) stage(Int<4>{});
+  if constexpr (L >= 4) stage(Int<2>{});
+  if constexpr (L >= 2) stage(Int<1>{});
+  for (int i = 0; i < L; ++i) store(dst + i * dst_row, r[i]);
+}
+
+// ---- Product ----------------------------------------------------------------------------------
+
+// A Dot entry's weight and gradient slot, and an entry's input offset (sparse_kernels.h: through
+// perm and index when given).
+template <class P>
+ROBPRUNE_INLINE int32_t slot(const P& p, int32_t e) {
+  return p.perm ? p.perm[e] : e;
+}
+
+template <bool INDEXED, class P>
+ROBPRUNE_INLINE int64_t offset(const P& p, int32_t e) {
+  return INDEXED ? p.index[e] * p.index_stride : p.off[e];
+}
+
+// One tile: rows [r0, r0 + RR) x columns [c0, c0 + VC * lanes) of plane (n, o), over the
+// entries [e_begin, e_end), stored to out (and out1) with rows out_row apart. U sets of
+// accumulators take turns over the entries, so that a small tile still has enough independent
+// FMA chains to hide their latency. EXACT: the input is read only inside the region's columns
+// (partial loads at the right edge); without, whole vectors are read and the lanes past the
+// region dropped at the store. INDEXED: offsets from index.
+template <class T, int BYTES, int RR, int VC, int U, bool INTERVAL, bool EXACT, bool INDEXED>
+ROBPRUNE_INLINE void product_tile(const Product<T>& p, int64_t n, int64_t o, int64_t r0, int64_t c0,
+                                  int32_t e_begin, int32_t e_end, T* out, T* out1, int64_t out_row) {
+  using V = Vec<T, BYTES>;
+  constexpr int L = BYTES / sizeof(T);
+  int lanes[VC];  // valid lanes of each vector
+  for (int v = 0; v < VC; ++v)
+    lanes[v] = static_cast<int>(std::clamp<int64_t>(p.cols - c0 - int64_t(v) * L, 0, L));
+  const int rows = static_cast<int>(std::min<int64_t>(RR, p.rows - r0));
+  V acc[U][RR][VC], acc1[U][RR][VC];
+  const V b = p.bias ? splat<V>(p.bias[o]) : V{};
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < RR; ++r)
+      for (int v = 0; v < VC; ++v) {
+        acc[u][r][v] = u == 0 ? b : V{};
+        acc1[u][r][v] = V{};
+      }
+  const int64_t in_row = p.in_row;
+  const T* base = p.in + n * p.in_image + r0 * in_row + c0;
+  const T* base1 = INTERVAL ? p.in1 + n * p.in_image + r0 * in_row + c0 : nullptr;
+  auto add = [&](int u, int32_t e) {
+    const T w = p.w[e];
+    const int64_t off = offset<INDEXED>(p, e);
+    const V wv = splat<V>(w);
+    const T* q = base + off;
+    for (int r = 0; r < RR; ++r)
+      for (int v = 0; v < VC; ++v) {
+        const T* at = q + r * in_row + v * L;
+        acc[u][r][v] += wv * (EXACT && lanes[v] < L ? load_first<V>(at, lanes[v]) : load<V>(at));
+      }
+    if constexpr (INTERVAL) {
+      const V av = splat<V>(std::abs(w));  // branch-free: a branch on random signs mispredicts half the time
+      const T* q1 = base1 + off;
+      for (int r = 0; r < RR; ++r)
+        for (int v = 0; v < VC; ++v) {
+          const T* at = q1 + r * in_row + v * L;
+          acc1[u][r][v] += av * (EXACT && lanes[v] < L ? load_first<V>(at, lanes[v]) : load<V>(at));
+        }
+    }
+  };
+  int32_t e = e_begin;
+  for (; e + U <= e_end; e += U)
+    for (int u = 0; u < U; ++u) add(u, e + u);
+  for (; e < e_end; ++e) add(0, e);
+  for (int u = 1; u < U; ++u)
+    for (int r = 0; r < RR; ++r)
+      for (int v = 0; v < VC; ++v) {
+        acc[0][r][v] += acc[u][r][v];
+        acc1[0][r][v] += acc1[u][r][v];
+      }
+  for (int r = 0; r < rows; ++r)
+    for (int v = 0; v < VC; ++v) {
+      V a = acc[0][r][v], z = acc1[0][r][v];
+      if (INTERVAL && p.out_bounds) {
+        const V lower = a - z;
+        z = a + z;
+        a = lower;
+      }
+      const int64_t at = r * out_row + v * L;
+      if (lanes[v] == L) {
+        store(out + at, a);
+        if (INTERVAL) store(out1 + at, z);
+      } else if (lanes[v] > 0) {
+        store_first(out + at, a, lanes[v]);
+        if (INTERVAL) store_first(out1 + at, z, lanes[v]);
+      }
+    }
+}
+
+// Planes of several rows (a convolution): tasks [begin, end) of (image, row block, channel),
+// the channel fastest, so that every channel of a row block reads the same few input rows,
+// which stay in L1; every column block of each, every entry.
+template <class T, int BYTES, int RR, int VC, int U, bool INTERVAL>
+ROBPRUNE_INLINE void plane_tasks(const Product<T>& p, int64_t begin, int64_t end) {
+  constexpr int64_t W = int64_t(VC) * (BYTES / sizeof(T));
+  const int64_t blocks = (p.rows + RR - 1) / RR;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t o = t % p.channels, rb = t / p.channels % blocks, n = t / p.channels / blocks;
+    const int32_t e0 = p.start[o], e1 = p.start[o + 1];
+    for (int64_t c0 = 0; c0 < p.cols; c0 += W) {
+      const int64_t at = n * p.out_image + o * p.out_channel + rb * RR * p.out_row + c0;
+      T* out = p.out + at;
+      T* out1 = INTERVAL ? p.out1 + at : nullptr;
+      if (!p.overread && c0 + W > p.cols)
+        product_tile<T, BYTES, RR, VC, U, INTERVAL, true, false>(p, n, o, rb * RR, c0, e0, e1, out, out1, p.out_row);
+      else
+        product_tile<T, BYTES, RR, VC, U, INTERVAL, false, false>(p, n, o, rb * RR, c0, e0, e1, out, out1, p.out_row);
+    }
+  }
+}
+
+// Stores `count` staged rows of `valid` columns (of W) transposed: dst[j * dst_row + i] =
+// staged[i][j], L x L blocks through registers where whole.
+template <class T, int BYTES, int64_t W>
+ROBPRUNE_INLINE void store_transposed(const T (*staged)[W], int64_t count, int64_t valid, T* dst, int64_t dst_row) {
+  constexpr int64_t L = BYTES / sizeof(T);
+  int64_t j = 0;
+  if (count == L)
+    for (; j + L <= valid; j += L) transpose_block<T, BYTES>(staged[0] + j, W, dst + j * dst_row, dst_row);
+  for (; j < valid; ++j)
+    for (int64_t i = 0; i < count; ++i) dst[j * dst_row + i] = staged[i][j];
+}
+
+// One-row planes (a linear layer, its batch along the row): tasks [begin, end) of (column
+// chunk, group of L channels), the chunk slowest. Every entry reads its input row's chunk;
+// walking all channels over one chunk keeps the input's chunk (input rows x chunk) in L2, where
+// the whole batch may not fit (4096 inputs x 128 samples are 2 MiB). A group's tiles (L channels
+// x the chunk) are staged in L1, then stored transposed, L x L blocks at a time
+// (transpose_block): the result comes out in the layer's (batch, features) layout.
+template <class T, int BYTES, int VC, int U, bool INTERVAL>
+ROBPRUNE_INLINE void row_tasks(const Product<T>& p, int64_t begin, int64_t end) {
+  constexpr int64_t L = BYTES / sizeof(T), W = int64_t(VC) * L;
+  alignas(64) T stage[L][W];
+  alignas(64) T stage1[INTERVAL ? L : 1][INTERVAL ? W : 1];
+  const int64_t groups = (p.channels + L - 1) / L;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t c0 = t / groups * W, o0 = t % groups * L;
+    const int64_t count = std::min(L, p.channels - o0), valid = std::min(W, p.cols - c0);
+    const bool exact = !p.overread && c0 + W > p.cols;
+    for (int64_t i = 0; i < count; ++i) {
+      const int32_t e0 = p.start[o0 + i], e1 = p.start[o0 + i + 1];
+      T* out1 = INTERVAL ? stage1[i] : nullptr;
+      if (exact)
+        product_tile<T, BYTES, 1, VC, U, INTERVAL, true, true>(p, 0, o0 + i, 0, c0, e0, e1, stage[i], out1, W);
+      else
+        product_tile<T, BYTES, 1, VC, U, INTERVAL, false, true>(p, 0, o0 + i, 0, c0, e0, e1, stage[i], out1, W);
+    }
+    store_transposed<T, BYTES>(stage, count, valid, p.out + c0 * p.out_row + o0, p.out_row);
+    if constexpr (INTERVAL) store_transposed<T, BYTES>(stage1, count, valid, p.out1 + c0 * p.out_row + o0, p.out_row);
+  }
+}
+
+// A one-row tile of the product with dw (sparse_kernels.h): the VC vectors [c0, c0 + VC * L)
+// of the channel's own row stay in registers; every entry's input vectors, loaded once, feed
+// both the product (acc += w * in) and the entry's dot product (own . in), whose P partial sums
+// are reduced per entry and added to dw (after the first chunk). EXACT as product_tile.
+template <class T, int BYTES, int VC, bool EXACT>
+ROBPRUNE_INLINE void product_dot_tile(const Product<T>& p, int64_t o, int64_t c0, T* out, bool accumulate) {
+  using V = Vec<T, BYTES>;
+  constexpr int L = BYTES / sizeof(T), P = VC >= 2 ? 2 : 1;
+  int lanes[VC];
+  for (int v = 0; v < VC; ++v)
+    lanes[v] = static_cast<int>(std::clamp<int64_t>(p.cols - c0 - int64_t(v) * L, 0, L));
+  auto read = [&](const T* at, int v) { return EXACT && lanes[v] < L ? load_first<V>(at, lanes[v]) : load<V>(at); };
+  V own[VC], acc[VC];
+  const T* self = p.self + o * p.self_row + c0;
+  for (int v = 0; v < VC; ++v) {
+    own[v] = read(self + v * L, v);
+    acc[v] = V{};
+  }
+  const T* base = p.in + c0;
+  const int32_t end = p.start[o + 1];
+  for (int32_t e = p.start[o]; e < end; ++e) {
+    const V wv = splat<V>(p.w[e]);
+    const T* q = base + offset<true>(p, e);
+    V dot[P];
+    for (int k = 0; k < P; ++k) dot[k] = V{};
+    for (int v = 0; v < VC; ++v) {
+      const V x = read(q + v * L, v);
+      acc[v] += wv * x;
+      dot[v % P] += own[v] * x;
+    }
+    for (int k = 1; k < P; ++k) dot[0] += dot[k];
+    const T s = lane_sum<T, BYTES>(dot[0]);
+    T& slot_e = p.dw[p.perm[e]];
+    slot_e = accumulate ? slot_e + s : s;
+  }
+  for (int v = 0; v < VC; ++v) {
+    if (lanes[v] == L) store(out + v * L, acc[v]);
+    else if (lanes[v] > 0) store_first(out + v * L, acc[v], lanes[v]);
+  }
+}
+
+// row_tasks with dw: tasks [begin, end) of groups of L channels, each walking every chunk of the
+// batch itself (a channel's dot products add up over the chunks, in one task).
+template <class T, int BYTES, int VC>
+ROBPRUNE_INLINE void row_dot_tasks(const Product<T>& p, int64_t begin, int64_t end) {
+  constexpr int64_t L = BYTES / sizeof(T), W = int64_t(VC) * L;
+  alignas(64) T stage[L][W];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t o0 = t * L, count = std::min(L, p.channels - o0);
+    for (int64_t c0 = 0; c0 < std::max<int64_t>(p.cols, 1); c0 += W) {
+      const int64_t valid = std::min(W, p.cols - c0);
+      for (int64_t i = 0; i < count; ++i) {
+        // Exact at the right edge even with overread: lanes past the batch would add to the dots.
+        if (c0 + W > p.cols)
+          product_dot_tile<T, BYTES, VC, true>(p, o0 + i, c0, stage[i], c0 > 0);
+        else
+          product_dot_tile<T, BYTES, VC, false>(p, o0 + i, c0, stage[i], c0 > 0);
+      }
+      store_transposed<T, BYTES>(stage, count, valid, p.out + c0 * p.out_row + o0, p.out_row);
+    }
+  }
+}
+
+// ---- Dot ----------------------------------------------------------------------------------------
+
+// Image n's part of the dot products of the E entries [e0, e0 + E) of channel o, stored to dw
+// or added to it (accumulate): E products sharing each load of g, each summed in P partial
+// accumulators (E * P independent FMA chains).
+template <class T, int BYTES, int E, int P, bool INTERVAL>
+ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n, bool accumulate) {
+  using V = Vec<T, BYTES>;
+  constexpr int L = BYTES / sizeof(T);
+  V acc[E][P], acc1[E][P];
+  for (int e = 0; e < E; ++e)
+    for (int k = 0; k < P; ++k) acc[e][k] = acc1[e][k] = V{};
+  const int64_t full = p.cols / (L * P) * (L * P);
+  int64_t off[E];
+  for (int e = 0; e < E; ++e) off[e] = p.indexed ? offset<true>(p, e0 + e) : p.off[e0 + e];
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t g_at = n * p.g_image + o * p.g_channel + r * p.g_row;
+    const T* g = p.g + g_at;
+    const T* g1 = INTERVAL ? p.g1 + g_at : nullptr;
+    const int64_t in_at = n * p.in_image + r * p.in_row;
+    const T* x = p.in + in_at;
+    const T* x1 = INTERVAL ? p.in1 + in_at : nullptr;
+    int64_t c = 0;
+    for (; c < full; c += L * P)
+      for (int k = 0; k < P; ++k) {
+        const V gv = load<V>(g + c + k * L);
+        for (int e = 0; e < E; ++e) acc[e][k] += gv * load<V>(x + off[e] + c + k * L);
+        if constexpr (INTERVAL) {
+          const V gv1 = load<V>(g1 + c + k * L);
+          for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * load<V>(x1 + off[e] + c + k * L);
+        }
+      }
+    for (; c < p.cols; c += L) {  // the rest, a vector at a time, the last one partial
+      const int n_lanes = static_cast<int>(std::min<int64_t>(L, p.cols - c));
+      const V gv = load_first<V>(g + c, n_lanes);
+      for (int e = 0; e < E; ++e) acc[e][0] += gv * load_first<V>(x + off[e] + c, n_lanes);
+      if constexpr (INTERVAL) {
+        const V gv1 = load_first<V>(g1 + c, n_lanes);
+        for (int e = 0; e < E; ++e) acc1[e][0] += gv1 * load_first<V>(x1 + off[e] + c, n_lanes);
+      }
+    }
+  }
+  for (int e = 0; e < E; ++e) {
+    for (int k = 1; k < P; ++k) {
+      acc[e][0] += acc[e][k];
+      acc1[e][0] += acc1[e][k];
+    }
+    T s = lane_sum<T, BYTES>(acc[e][0]);
+    const int32_t k = slot(p, e0 + e);
+    if constexpr (INTERVAL) s += sign(p.w[k]) * lane_sum<T, BYTES>(acc1[e][0]);
+    p.dw[k] = accumulate ? p.dw[k] + s : s;
+  }
+}
+
+// Channels [begin, end), image after image: their entries in groups of E (E * P chains, within
+// REGS registers).
+template <class T, int BYTES, int REGS, bool INTERVAL>
+ROBPRUNE_INLINE void dot_channels(const Dot<T>& p, int64_t begin, int64_t end) {
+  constexpr int P = 2, E = std::max(1, REGS / 2 / P / (INTERVAL ? 2 : 1));
+  for (int64_t n = 0; n < p.images; ++n)
+    for (int64_t o = begin; o < end; ++o) {
+      int32_t e = p.start[o];
+      const int32_t stop = p.start[o + 1];
+      for (; e + E <= stop; e += E) dot_group<T, BYTES, E, P, INTERVAL>(p, o, e, n, n > 0);
+      for (; e < stop; ++e) dot_group<T, BYTES, 1, P, INTERVAL>(p, o, e, n, n > 0);
+    }
+}
+
+// ---- Pack ---------------------------------------------------------------------------------------
+
+// One element pair through the pack's op; returns true for an invalid radius. The formulas are
+// the interval family's (interval_math.h), applied to one element; both inputs are read before
+// anything is written, so y may be x (the op applied in place).
+template <class T, PackOp OP>
+ROBPRUNE_INLINE bool pack_pair(const T* x0, const T* x1, T* y0, T* y1) {
+  const T a = *x0, b = x1 ? *x1 : T(0);
+  if constexpr (OP == PackOp::kReluBox) return interval::Prologue<T, true>{&a, &b, y0, y1}(0);
+  if constexpr (OP == PackOp::kBoundsGrad) {
+    interval::ToBoundsBackward<T>{&a, &b, y0, y1}(0);
+    return false;
+  }
+  *y0 = a;
+  if (y1) *y1 = b;
+  return OP == PackOp::kCheckBox && !(b >= T(0));
+}
+
+int64_t floor_div(int64_t a, int64_t b) {
+  return a / b - (a % b != 0 && (a < 0) != (b < 0));
+}
+
+// Where channels are the input's inner dimension (a linear layer's (N, F) input, a
+// channels-last image) a pack transposes: a task then takes a
+// block of channels and moves L x L blocks (channels x output columns) through registers
+// (transpose_block), the pair's op applied afterwards, in place. Elsewhere each plane row is a
+// strided walk of the input.
+constexpr int64_t kPackChannels = 256;
+
+template <class T, int BYTES, PackOp OP>
+ROBPRUNE_INLINE bool pack_tasks(const Pack<T>& p, int64_t begin, int64_t end) {
+  constexpr int64_t L = BYTES / sizeof(T);
+  const int64_t phases = p.stride_h * p.stride_w, plane = p.out_rows * p.out_cols;
+  const bool transposing = p.x_channel < p.x_col;
+  const int64_t cb = transposing ? kPackChannels : 1, blocks = (p.channels + cb - 1) / cb;
+  // Locals: stores through the planes could alias p, forcing reloads per element.
+  const T* const x0 = p.x;
+  const T* const x1 = p.x1;
+  T* const out0 = p.out;
+  T* const out1 = p.out1;
+  const int64_t channel = p.x_channel, step = p.stride_w * p.x_col, cols = p.out_cols;
+  bool bad = false;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n = t / blocks, c0 = t % blocks * cb, count = std::min(cb, p.channels - c0);
+    for (int64_t phase = 0; phase < phases; ++phase) {
+      const int64_t a = phase / p.stride_w, b = phase % p.stride_w;
+      // Columns q with 0 <= q * stride_w + b - left < width.
+      const int64_t first = std::clamp<int64_t>(-floor_div(b - p.left, p.stride_w), 0, cols);
+      const int64_t last = std::clamp<int64_t>(floor_div(p.width - 1 + p.left - b, p.stride_w) + 1, first, cols);
+      for (int64_t r = 0; r < p.out_rows; ++r) {
+        const int64_t y = r * p.stride_h + a - p.top;
+        const bool inside = y >= 0 && y < p.height;
+        const int64_t lo = inside ? first : cols, hi = inside ? last : cols;
+        // Row r of plane (n, c0 + c, phase) starts at row_at + c * channel_at.
+        const int64_t row_at = ((n * p.channels + c0) * phases + phase) * plane + r * cols;
+        const int64_t channel_at = phases * plane;
+        for (int64_t c = 0; c < count; ++c) {
+          T* row = out0 + row_at + c * channel_at;
+          std::fill(row, row + lo, T(0));
+          std::fill(row + hi, row + cols, T(0));
+          if (out1) {
+            T* row1 = out1 + row_at + c * channel_at;
+            std::fill(row1, row1 + lo, T(0));
+            std::fill(row1 + hi, row1 + cols, T(0));
+          }
+        }
+        // Input element of channel c0 + c, column q: at + (q - lo) * step + c * channel.
+        const int64_t at = n * p.x_image + c0 * channel + y * p.x_row + (lo * p.stride_w + b - p.left) * p.x_col;
+        if (!transposing) {
+          for (int64_t c = 0; c < count; ++c) {
+            const int64_t src = at + c * channel - lo * step, dst = row_at + c * channel_at;
+            if (OP == PackOp::kCopy && !x1 && step == 1) {
+              std::copy(x0 + src + lo, x0 + src + hi, out0 + dst + lo);
+              continue;
+            }
+            int local = 0;
+            if (x1 && step == 1) {  // a contiguous pair (NCHW): vectorised
+              const T* a = x0 + src;
+              const T* b1 = x1 + src;
+              T* y0 = out0 + dst;
+              T* y1 = out1 + dst;
+#pragma omp simd reduction(| : local)
+              for (int64_t q = lo; q < hi; ++q) local |= pack_pair<T, OP>(a + q, b1 + q, y0 + q, y1 + q);
+            } else {
+              for (int64_t q = lo; q < hi; ++q)
+                local |= pack_pair<T, OP>(x0 + src + q * step, x1 ? x1 + src + q * step : nullptr, out0 + dst + q,
+                                          out1 ? out1 + dst + q : nullptr);
+            }
+            bad |= local;
+          }
+          continue;
+        }
+        // Transposing: the pair's operands moved as they are, then the op applied in place.
+        auto move = [&](const T* x, T* out) {
+          for (int64_t q0 = lo; q0 < hi; q0 += L)
+            for (int64_t c = 0; c < count; c += L) {
+              const T* src = x + at + (q0 - lo) * step + c * channel;
+              T* dst = out + row_at + c * channel_at + q0;
+              if (channel == 1 && q0 + L <= hi && c + L <= count) {
+                transpose_block<T, BYTES>(src, step, dst, channel_at);
+                continue;
+              }
+              for (int64_t i = 0; i < std::min(L, count - c); ++i)
+                for (int64_t j = 0; j < std::min(L, hi - q0); ++j)
+                  dst[i * channel_at + j] = src[j * step + i * channel];
+            }
+        };
+        move(x0, out0);
+        if (x1) move(x1, out1);
+        if (OP != PackOp::kCopy)
+          for (int64_t c = 0; c < count; ++c) {
+            T* y0 = out0 + row_at + c * channel_at;
+            T* y1 = out1 + row_at + c * channel_at;
+            int local = 0;
+#pragma omp simd reduction(| : local)
+            for (int64_t q = lo; q < hi; ++q) local |= pack_pair<T, OP>(y0 + q, y1 + q, y0 + q, y1 + q);
+            bad |= local;
+          }
+      }
+    }
+  }
+  return bad;
+}
+
+// ---- index checks -----------------------------------------------------------------------------
+
+// Plain loops the ISA's compilation vectorises: int compares and min / max reductions.
+ROBPRUNE_INLINE bool segments_sorted(const int32_t* ptr, int64_t begin, int64_t end, const int32_t* inner,
+                                     int64_t limit) {
+  int bad = 0;
+  for (int64_t s = begin; s < end; ++s) {
+    const int32_t first = ptr[s], stop = ptr[s + 1];
+    if (first == stop) continue;
+    bad |= inner[first] < 0 || inner[stop - 1] >= limit;
+    const int32_t* a = inner + first;
+    const int64_t pairs = stop - first - 1;
+#pragma omp simd reduction(| : bad)
+    for (int64_t i = 0; i < pairs; ++i) bad |= a[i + 1] <= a[i];
+  }
+  return !bad;
+}
+
+ROBPRUNE_INLINE bool indices_in_range(const int32_t* index, int64_t begin, int64_t end, int64_t limit) {
+  int32_t lo = 0, hi = 0;
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t i = begin; i < end; ++i) {
+    lo = std::min(lo, index[i]);
+    hi = std::max(hi, index[i]);
+  }
+  return lo >= 0 && hi < limit;
+}
+
+// ---- the three instruction sets ---------------------------------------------------------------
+//
+// Each compiles the loops above for its vector width (flatten: everything they call, inlined,
+// is compiled for the ISA too). REGS: vector registers the accumulators of a Product tile may
+// take, leaving the rest to the weights and addresses.
+
+#define ROBPRUNE_ISA(NAME, TARGET, BYTES, REGS)                                                   \
+  struct NAME {                                                                                 \
+    static constexpr int kBytes = BYTES, kRegs = REGS;                                          \
+    template <class T, int RR, int VC, int U, bool INTERVAL>                                    \
+    TARGET __attribute__((flatten)) static void planes(const Product<T>& p, int64_t b, int64_t e) { \
+      plane_tasks<T, BYTES, RR, VC, U, INTERVAL>(p, b, e);                                      \
+    }                                                                                           \
+    template <class T, int VC, int U, bool INTERVAL>                                            \
+    TARGET __attribute__((flatten)) static void rows(const Product<T>& p, int64_t b, int64_t e) { \
+      row_tasks<T, BYTES, VC, U, INTERVAL>(p, b, e);                                            \
+    }                                                                                           \
+    template <class T, int VC>                                                                  \
+    TARGET __attribute__((flatten)) static void row_dots(const Product<T>& p, int64_t b, int64_t e) { \
+      row_dot_tasks<T, BYTES, VC>(p, b, e);                                                     \
+    }                                                                                           \
+    template <class T, PackOp OP>                                                               \
+    TARGET __attribute__((flatten)) static bool pack(const Pack<T>& p, int64_t b, int64_t e) {  \
+      return pack_tasks<T, BYTES, OP>(p, b, e);                                                 \
+    }                                                                                           \
+    TARGET __attribute__((flatten)) static bool sorted(const int32_t* ptr, int64_t b, int64_t e,  \
+                                                       const int32_t* inner, int64_t limit) {   \
+      return segments_sorted(ptr, b, e, inner, limit);                                          \
+    }                                                                                           \
+    TARGET __attribute__((flatten)) static bool in_range(const int32_t* index, int64_t b, int64_t e, \
+                                                         int64_t limit) {                        \
+      return indices_in_range(index, b, e, limit);                                              \
+    }                                                                                           \
+    template <class T, bool INTERVAL>                                                           \
+    TARGET __attribute__((flatten)) static void dot(const Dot<T>& p, int64_t b, int64_t e) {     \
+      dot_channels<T, BYTES, REGS, INTERVAL>(p, b, e);                                          \
+    }                                                                                           \
+  };
+
+ROBPRUNE_ISA(Avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), 64, 16)
+ROBPRUNE_ISA(Avx2, __attribute__((target("avx2,fma"))), 32, 12)
+ROBPRUNE_ISA(Baseline, , 16, 12)
+#undef ROBPRUNE_ISA
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const Isa best = avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kBaseline;
+  const char* env = std::getenv("ROBPRUNE_SIMD");
+  if (env == nullptr || *env == '\0') return best;
+  const std::string want(env);
+  const Isa asked = want == "avx512" ? Isa::kAvx512 : want == "avx2" ? Isa::kAvx2 : Isa::kBaseline;
+  TORCH_CHECK(want == "avx512" || want == "avx2" || want == "baseline",
+              "ROBPRUNE_SIMD must be avx512, avx2 or baseline, got '", want, "'");
+  TORCH_CHECK(asked <= best, "ROBPRUNE_SIMD=", want, " but this CPU lacks its instructions");
+  return asked;
+}
+
+// Runs f(Isa tag) with the instruction set picked once per process.
+template <class F>
+void with_isa(F&& f) {
+  static const Isa isa = detect_isa();
+  switch (isa) {
+    case Isa::kAvx512: return f(Avx512{});
+    case Isa::kAvx2: return f(Avx2{});
+    default: return f(Baseline{});
+  }
+}
+
+// f(Int<k>) for k, a power of two up to MAX (the largest such power below k when k is not).
+template <int MAX, class F>
+void with_pow2(int k, F&& f) {
+  if constexpr (MAX >= 16) if (k >= 16) return f(Int<16>{});
+  if constexpr (MAX >= 8) if (k >= 8) return f(Int<8>{});
+  if constexpr (MAX >= 4) if (k >= 4) return f(Int<4>{});
+  if constexpr (MAX >= 2) if (k >= 2) return f(Int<2>{});
+  f(Int<1>{});
+}
+
+int pow2_ceil(int64_t k) {
+  int p = 1;
+  while (p < k && p < 16) p *= 2;
+  return p;
+}
+
+// Tasks per parallel chunk: enough work to amortise a thread's start.
+int64_t grain(int64_t work_per_task) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_task, 1));
+}
+
+// FMA chains a tile needs in flight to hide the FMA latency (4 cycles, 2 per cycle).
+constexpr int kChains = 8;
+
+// Bytes of input a chunk of one-row planes may span: half of a 2 MiB L2, the rest for the
+// output's and the other operands' lines.
+constexpr int64_t kChunkBytes = 1 << 20;
+
+template <class Isa, class T, bool INTERVAL>
+void run_product(const Product<T>& p) {
+  constexpr int L = Isa::kBytes / sizeof(T), CAP = Isa::kRegs / (INTERVAL ? 2 : 1);
+  constexpr int VMAX = CAP >= 8 ? 8 : CAP >= 4 ? 4 : 2;
+  const int vectors = pow2_ceil((p.cols + L - 1) / L);
+  const int64_t per_entry = std::max<int64_t>(1, p.start[p.channels] / std::max<int64_t>(p.channels, 1));
+  if constexpr (!INTERVAL) {
+    if (p.indexed && p.dw) {
+      // With dw: the whole batch in registers when it fits (the channel's own row, the
+      // accumulators and the loaded row: 3 x VC of the registers), else chunks of it.
+      constexpr int VD = Isa::kRegs >= 16 ? 8 : 4;
+      with_pow2<VD>(std::min(vectors, VD), [&](auto VC) {
+        constexpr int kVC = decltype(VC)::value;
+        at::parallel_for(0, (p.channels + L - 1) / L, grain(L * p.cols * per_entry * 2), [&](int64_t b, int64_t e) {
+          Isa::template row_dots<T, kVC>(p, b, e);
+        });
+      });
+      return;
+    }
+  }
+  if (p.indexed) {
+    // One-row planes: chunks of the batch as wide as the L2 budget allows for the input's rows
+    // (of both operands with interval), at most 4 vectors (so several chains), at least one.
+    const int64_t row_bytes = int64_t(Isa::kBytes) * (INTERVAL ? 2 : 1) * std::max<int64_t>(p.index_rows, 1);
+    const int fit = static_cast<int>(std::clamp<int64_t>(kChunkBytes / row_bytes, 1, 4));
+    with_pow2<4>(std::min(vectors, fit), [&](auto VC) {
+      constexpr int kVC = decltype(VC)::value, kU = std::max(1, std::min(kChains, CAP) / kVC);
+      const int64_t chunks = (p.cols + kVC * L - 1) / (kVC * L), groups = (p.channels + L - 1) / L;
+      at::parallel_for(0, chunks * groups, grain(L * kVC * L * per_entry), [&](int64_t b, int64_t e) {
+        Isa::template rows<T, kVC, kU, INTERVAL>(p, b, e);
+      });
+    });
+    return;
+  }
+  // Vectors per row of the tile: the row's width, rounded up to a power of two, at most VMAX
+  // (wider rows take several column blocks). Rows per tile: as many as the registers hold,
+  // but never past the region where the input may not be read beyond it.
+  const int vc = std::min(vectors, VMAX);
+  const int rr = p.overread ? std::min(pow2_ceil(p.rows), CAP / vc) : 1;
+  with_pow2<VMAX>(vc, [&](auto VC) {
+    with_pow2<CAP / decltype(VC)::value>(rr, [&](auto RR) {
+      constexpr int kRR = decltype(RR)::value, kVC = decltype(VC)::value;
+      constexpr int kU = std::max(1, std::min(kChains, CAP) / (kRR * kVC));
+      const int64_t tasks = p.images * p.channels * ((p.rows + kRR - 1) / kRR);
+      at::parallel_for(0, tasks, grain(kRR * p.cols * per_entry), [&](int64_t b, int64_t e) {
+        Isa::template planes<T, kRR, kVC, kU, INTERVAL>(p, b, e);
+      });
+    });
+  });
+}
+
+// The Dot in one parallel region over channels; a task walks the images one after the other
+// and, within an image, its channels, which all read that image's input planes while they are
+// in cache; the images add up in dw.
+template <class Isa, class T, bool INTERVAL>
+void run_dot(const Dot<T>& p) {
+  const int64_t per_entry = std::max<int64_t>(1, p.start[p.channels] / std::max<int64_t>(p.channels, 1));
+  const int64_t per_channel = p.images * p.rows * p.cols * per_entry;
+  at::parallel_for(0, p.channels, grain(per_channel), [&](int64_t b, int64_t e) {
+    Isa::template dot<T, INTERVAL>(p, b, e);
+  });
+  if (p.images == 0)  // every product is empty
+    for (int32_t e = 0; e < p.start[p.channels]; ++e) p.dw[slot(p, e)] = T(0);
+}
+
+// Tasks of pack_tasks: blocks of channels of one image.
+template <class Isa, class T, PackOp OP>
+bool run_pack(const Pack<T>& p) {
+  const int64_t cb = p.x_channel < p.x_col ? kPackChannels : 1;
+  const int64_t tasks = p.images * ((p.channels + cb - 1) / cb);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, tasks, grain(cb * p.stride_h * p.stride_w * p.out_rows * p.out_cols),
+                   [&](int64_t begin, int64_t end) {
+                     if (Isa::template pack<T, OP>(p, begin, end)) bad.store(true, std::memory_order_relaxed);
+                   });
+  return bad.load();
+}
+
+}  // namespace
+
+template <>
+template <class T>
+void SparseKernels<CpuBackend>::product(const Product<T>& p) {
+  if (p.images * p.channels * p.rows * p.cols == 0) {  // every sum is empty
+    if (p.dw)
+      for (int32_t e = 0; e < p.start[p.channels]; ++e) p.dw[p.perm[e]] = T(0);
+    return;
+  }
+  with_isa([&](auto isa) {
+    using I = decltype(isa);
+    if (p.interval) run_product<I, T, true>(p);
+    else run_product<I, T, false>(p);
+  });
+}
+
+template <>
+template <class T>
+void SparseKernels<CpuBackend>::dot(const Dot<T>& p) {
+  if (p.channels == 0) return;
+  with_isa([&](auto isa) {
+    using I = decltype(isa);
+    if (p.interval) run_dot<I, T, true>(p);
+    else run_dot<I, T, false>(p);
+  });
+}
+
+template <>
+template <class T>
+bool SparseKernels<CpuBackend>::pack(const Pack<T>& p) {
+  bool bad = false;
+  with_isa([&](auto isa) {
+    using I = decltype(isa);
+    switch (p.op) {
+      case PackOp::kReluBox: bad = run_pack<I, T, PackOp::kReluBox>(p); break;
+      case PackOp::kCheckBox: bad = run_pack<I, T, PackOp::kCheckBox>(p); break;
+      case PackOp::kBoundsGrad: bad = run_pack<I, T, PackOp::kBoundsGrad>(p); break;
+      default: bad = run_pack<I, T, PackOp::kCopy>(p);
+    }
+  });
+  return bad;
+}
+
+// Indices a check task takes: vectorised, a pass over a million indices costs well under a
+// millisecond, less than a parallel region may wait for a busy core.
+constexpr int64_t kCheckGrain = 1 << 20;
+
+template <>
+bool SparseKernels<CpuBackend>::sorted_segments(const int32_t* ptr, int64_t segments, const int32_t* inner,
+                                                 int64_t limit) {
+  std::atomic<bool> ok{true};
+  with_isa([&](auto isa) {
+    using I = decltype(isa);
+    at::parallel_for(0, segments, std::max<int64_t>(1, segments * kCheckGrain / std::max<int64_t>(ptr[segments], 1)),
+                     [&](int64_t b, int64_t e) {
+                       if (!I::sorted(ptr, b, e, inner, limit)) ok.store(false, std::memory_order_relaxed);
+                     });
+  });
+  return ok.load();
+}
+
+template <>
+bool SparseKernels<CpuBackend>::in_range(const int32_t* index, int64_t n, int64_t limit) {
+  std::atomic<bool> ok{true};
+  with_isa([&](auto isa) {
+    using I = decltype(isa);
+    at::parallel_for(0, n, kCheckGrain, [&](int64_t b, int64_t e) {
+      if (!I::in_range(index, b, e, limit)) ok.store(false, std::memory_order_relaxed);
+    });
+  });
+  return ok.load();
+}
+
+template void SparseKernels<CpuBackend>::product<float>(const Product<float>&);
+template void SparseKernels<CpuBackend>::product<double>(const Product<double>&);
+template void SparseKernels<CpuBackend>::dot<float>(const Dot<float>&);
+template void SparseKernels<CpuBackend>::dot<double>(const Dot<double>&);
+template bool SparseKernels<CpuBackend>::pack<float>(const Pack<float>&);
+template bool SparseKernels<CpuBackend>::pack<double>(const Pack<double>&);
+
+}  // namespace robprune

@@ -1,0 +1,287 @@
+"""The compressed path of the masked layers: products over a pruned weight's kept values only
+(csrc/sparse), so their cost scales with the weights a mask keeps.
+
+``linear`` and ``conv2d`` are masked_linear / masked_conv2d's path="sparse" (ops.masked calls
+them), ``interval_linear`` and ``interval_conv2d`` the interval (IBP) layers over a compressed
+weight: one pass over the kept weights makes both the centre W c + b and the radius |W| r. All
+pack the mask once per mask version and gather the values from the weight (``sparse_index``):
+they are differentiable in the input, the weight (a pruned weight's gradient is exactly 0) and
+the bias; the mask's gradient is the dense path's job.
+
+The ops themselves (torch.ops.robprune_fast.sparse_*, schemas in pyext/module.cpp) take the
+values and indices; here are their fake kernels and autograd formulas, each op's twin is in
+``reference.py``. The kernels run on the CPU; on another device the ops run their twins.
+``crossover`` decides when path="auto" takes this path.
+"""
+from __future__ import annotations
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from .. import reference
+from ._dispatch import OPS, _C, call, use_kernel
+from .checks import check_box, check_layer, conv_geometry
+from .crossover import crossover  # noqa: F401  (ops.sparse.crossover: the path choice)
+from .sparse_index import (SparseIndex, csc_of, csr_of, gather_values, mask_density, mask_index,  # noqa: F401
+                           pack_mask)
+
+
+def _conv_args(weight, stride, padding, dilation, groups):
+    return list(weight.shape[2:]), list(stride), list(padding), list(dilation), groups
+
+
+# --- the masked layers --------------------------------------------------------------------------------
+
+
+def linear(x, weight, bias, mask):
+    """``F.linear(x, weight * mask, bias)`` on the compressed path; x (*, in_features), arguments
+    checked by ops.masked_linear."""
+    index = mask_index(mask)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = sparse_linear(x2, gather_values(weight, index), bias, index)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def conv2d(x, weight, bias, mask, stride, padding, dilation, groups):
+    """``F.conv2d(x, weight * mask, bias, ...)`` on the compressed path; arguments checked by
+    ops.masked_conv2d (geometry as pairs)."""
+    index = mask_index(mask)
+    return sparse_conv2d(x, gather_values(weight, index), bias, index,
+                         *_conv_args(weight, stride, padding, dilation, groups))
+
+
+def interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False, out_bounds=False):
+    """ops.interval_linear on the compressed path (mask required: the kept weights are its
+    ones); center, radius: (*, in_features)."""
+    check_box(center, radius)
+    check_layer(weight, bias, mask, 2, center, "center")
+    if mask is None:
+        raise ValueError("mask is required on the compressed path (it says which weights are kept)")
+    if center.dim() < 1 or center.shape[-1] != weight.shape[1]:
+        raise ValueError(f"center's last dimension must equal weight.size(1) (in_features = "
+                         f"{weight.shape[1]}), got shape {tuple(center.shape)}")
+    index = mask_index(mask)
+    lead = center.shape[:-1]
+    a, b = sparse_interval_linear(center.reshape(-1, center.shape[-1]), radius.reshape(-1, radius.shape[-1]),
+                                  gather_values(weight, index), bias, index, relu_in, out_bounds)
+    return a.view(*lead, -1), b.view(*lead, -1)
+
+
+def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padding=0, dilation=1, groups=1,
+                    relu_in=False, out_bounds=False):
+    """ops.interval_conv2d on the compressed path (mask required); center, radius: (N, C, H, W),
+    any memory format."""
+    check_box(center, radius)
+    check_layer(weight, bias, mask, 4, center, "center")
+    if mask is None:
+        raise ValueError("mask is required on the compressed path (it says which weights are kept)")
+    if center.dim() != 4:
+        raise ValueError(f"center must be 4-D (N, C, H, W), got shape {tuple(center.shape)}")
+    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
+    if center.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"center has {center.shape[1]} channels but weight expects in_channels = "
+                         f"weight.size(1) * groups = {weight.shape[1] * groups}")
+    index = mask_index(mask)
+    return sparse_interval_conv2d(center, radius, gather_values(weight, index), bias, index,
+                                  *_conv_args(weight, stride, padding, dilation, groups), relu_in, out_bounds)
+
+
+# --- the ops on a SparseIndex: kernel, or twin where there is none -------------------------------------
+
+
+def sparse_linear(x, values, bias, index: SparseIndex):
+    if use_kernel("sparse_linear", x.device):
+        return call(OPS.sparse_linear, x, values, bias, index.row_ptr, index.col, index.shape[0])
+    return reference.sparse_linear(x, values, bias, index.row_ptr, index.col, index.shape[0])
+
+
+def sparse_conv2d(x, values, bias, index: SparseIndex, kernel_size, stride, padding, dilation, groups):
+    if use_kernel("sparse_conv2d", x.device):
+        return call(OPS.sparse_conv2d, x, values, bias, index.row_ptr, index.col, kernel_size, stride, padding,
+                    dilation, groups)
+    return reference.sparse_conv2d(x, values, bias, index.row_ptr, index.col, kernel_size, stride, padding,
+                                   dilation, groups)
+
+
+def sparse_interval_linear(center, radius, values, bias, index: SparseIndex, relu_in, out_bounds):
+    if use_kernel("sparse_interval_linear", center.device):
+        return call(OPS.sparse_interval_linear, center, radius, values, bias, index.row_ptr, index.col,
+                    index.shape[0], bool(relu_in), bool(out_bounds))
+    if not bool((radius >= 0).all()):
+        raise ValueError("radius must be >= 0 everywhere (no negative or NaN entries)")
+    return reference.sparse_interval_linear(center, radius, values, bias, index.row_ptr, index.col,
+                                            index.shape[0], relu_in, out_bounds)
+
+
+def sparse_interval_conv2d(center, radius, values, bias, index: SparseIndex, kernel_size, stride, padding,
+                           dilation, groups, relu_in, out_bounds):
+    if use_kernel("sparse_interval_conv2d", center.device):
+        return call(OPS.sparse_interval_conv2d, center, radius, values, bias, index.row_ptr, index.col,
+                    kernel_size, stride, padding, dilation, groups, bool(relu_in), bool(out_bounds))
+    if not bool((radius >= 0).all()):
+        raise ValueError("radius must be >= 0 everywhere (no negative or NaN entries)")
+    return reference.sparse_interval_conv2d(center, radius, values, bias, index.row_ptr, index.col, kernel_size,
+                                            stride, padding, dilation, groups, relu_in, out_bounds)
+
+
+# --- fake kernels and autograd ---------------------------------------------------------------------------
+#
+# The CSR ops' formulas need the CSC (and the CSC ops' the CSR): csc_of / csr_of find the one
+# pack_mask made along with it, or compute it with shape-static ops (which also trace).
+
+
+def _conv_output(x, out_channels, kernel_size, stride, padding, dilation):
+    size = [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1
+            for d in range(2)]
+    return x.new_empty((x.shape[0], out_channels, *size)).contiguous(memory_format=suggest_memory_format(x))
+
+
+def _register_linear():
+    @torch.library.register_fake("robprune_fast::sparse_linear")
+    def _fake(x, values, bias, row_ptr, col, out_features):
+        return x.new_empty((x.shape[0], out_features))
+
+    @torch.library.register_fake("robprune_fast::sparse_linear_t")
+    def _fake_t(g, values, col_ptr, row, csc_to_csr, in_features):
+        return g.new_empty((g.shape[0], in_features))
+
+    @torch.library.register_fake("robprune_fast::sparse_linear_values_grad")
+    def _fake_values_grad(g, x, col_ptr, row, csc_to_csr):
+        return g.new_empty(row.shape)
+
+    @torch.library.register_fake("robprune_fast::sparse_linear_backward")
+    def _fake_backward(grad, x, values, col_ptr, row, csc_to_csr, output_mask):
+        return (torch.empty_like(x) if output_mask[0] else x.new_empty(0),
+                torch.empty_like(values) if output_mask[1] else x.new_empty(0))
+
+    def setup(ctx, inputs, output):
+        x, values, bias, row_ptr, col, out_features = inputs
+        ctx.save_for_backward(x, values, row_ptr, col)
+
+    def backward(ctx, g):
+        x, values, row_ptr, col = ctx.saved_tensors
+        need_x, need_v, need_b = ctx.needs_input_grad[:3]
+        gx = gv = None
+        if need_x or need_v:
+            gx, gv = OPS.sparse_linear_backward(g, x, values, *csc_of(row_ptr, col, x.shape[1]), [need_x, need_v])
+        return gx if need_x else None, gv if need_v else None, g.sum(0) if need_b else None, None, None, None
+
+    torch.library.register_autograd("robprune_fast::sparse_linear", backward, setup_context=setup)
+
+    # y = g W2: dg = dy W2^T (the forward product), dW2 = g^T dy at the kept weights.
+    def setup_t(ctx, inputs, output):
+        g, values, col_ptr, row, csc_to_csr, in_features = inputs
+        ctx.save_for_backward(g, values, col_ptr, row, csc_to_csr)
+
+    def backward_t(ctx, dy):
+        g, values, col_ptr, row, csc_to_csr = ctx.saved_tensors
+        row_ptr, col = csr_of(col_ptr, row, csc_to_csr, g.shape[1])
+        dg = OPS.sparse_linear(dy, values, None, row_ptr, col, g.shape[1]) if ctx.needs_input_grad[0] else None
+        dv = OPS.sparse_linear_values_grad(g, dy, col_ptr, row, csc_to_csr) if ctx.needs_input_grad[1] else None
+        return dg, dv, None, None, None, None
+
+    torch.library.register_autograd("robprune_fast::sparse_linear_t", backward_t, setup_context=setup_t)
+
+
+def _register_conv2d():
+    @torch.library.register_fake("robprune_fast::sparse_conv2d")
+    def _fake(x, values, bias, row_ptr, col, kernel_size, stride, padding, dilation, groups):
+        return _conv_output(x, row_ptr.shape[0] - 1, kernel_size, stride, padding, dilation)
+
+    @torch.library.register_fake("robprune_fast::sparse_conv2d_t")
+    def _fake_t(g, values, col_ptr, row, csc_to_csr, input_size, kernel_size, stride, padding, dilation, groups):
+        channels = (col_ptr.shape[0] - 1) // (kernel_size[0] * kernel_size[1]) * groups
+        out = g.new_empty((g.shape[0], channels, *input_size))
+        return out.contiguous(memory_format=suggest_memory_format(g))
+
+    @torch.library.register_fake("robprune_fast::sparse_conv2d_values_grad")
+    def _fake_values_grad(g, x, row_ptr, col, kernel_size, stride, padding, dilation, groups):
+        return g.new_empty(col.shape)
+
+    def setup(ctx, inputs, output):
+        x, values, bias, row_ptr, col, *geometry = inputs
+        ctx.save_for_backward(x, values, row_ptr, col)
+        ctx.geometry = geometry
+
+    def backward(ctx, g):
+        x, values, row_ptr, col = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, groups = ctx.geometry
+        need_x, need_v, need_b = ctx.needs_input_grad[:3]
+        cols = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+        gx = OPS.sparse_conv2d_t(g, values, *csc_of(row_ptr, col, cols), list(x.shape[2:]),
+                                 *ctx.geometry) if need_x else None
+        gv = OPS.sparse_conv2d_values_grad(g, x, row_ptr, col, *ctx.geometry) if need_v else None
+        return (gx, gv, g.sum((0, 2, 3)) if need_b else None) + (None,) * 7
+
+    torch.library.register_autograd("robprune_fast::sparse_conv2d", backward, setup_context=setup)
+
+    # y = conv^T g: dg = conv(dy), and the values' gradient of <g, conv(dy)>.
+    def setup_t(ctx, inputs, output):
+        g, values, col_ptr, row, csc_to_csr, input_size, *geometry = inputs
+        ctx.save_for_backward(g, values, col_ptr, row, csc_to_csr)
+        ctx.geometry = geometry
+
+    def backward_t(ctx, dy):
+        g, values, col_ptr, row, csc_to_csr = ctx.saved_tensors
+        row_ptr, col = csr_of(col_ptr, row, csc_to_csr, g.shape[1])
+        dg = OPS.sparse_conv2d(dy, values, None, row_ptr, col, *ctx.geometry) if ctx.needs_input_grad[0] else None
+        dv = OPS.sparse_conv2d_values_grad(g, dy, row_ptr, col, *ctx.geometry) if ctx.needs_input_grad[1] else None
+        return (dg, dv) + (None,) * 9
+
+    torch.library.register_autograd("robprune_fast::sparse_conv2d_t", backward_t, setup_context=setup_t)
+
+
+def _register_interval(name: str, n_geometry: int, layer_output, columns, backward_geometry) -> None:
+    """Fake kernel and autograd of sparse_interval_<name>(center, radius, values, bias, row_ptr,
+    col, *geometry, relu_in, out_bounds[, check_radius]); geometry: (out_features,) for linear,
+    (kernel_size, stride, padding, dilation, groups) for conv2d. layer_output(center, out,
+    geometry): the output, empty; columns(center, geometry): W2's columns; backward_geometry:
+    the geometry the backward op takes."""
+    op = f"robprune_fast::sparse_interval_{name}"
+    backward_op = getattr(OPS, f"sparse_interval_{name}_backward")
+
+    @torch.library.register_fake(op)
+    def _fake(center, radius, values, bias, row_ptr, col, *rest):
+        out = layer_output(center, row_ptr.shape[0] - 1, rest[:n_geometry])
+        return out, torch.empty_like(out)
+
+    @torch.library.register_fake(f"{op}_backward")
+    def _fake_backward(grad_a, grad_b, center, radius, values, *rest):
+        output_mask = rest[-1]
+        like = (center, radius, values, grad_a.new_empty(grad_a.shape[1]))
+        return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, output_mask))
+
+    def setup(ctx, inputs, output):
+        center, radius, values, bias, row_ptr, col, *rest = inputs
+        ctx.save_for_backward(center, radius, values, row_ptr, col)
+        ctx.geometry = rest[:n_geometry]
+        ctx.relu_in, ctx.out_bounds = rest[n_geometry:n_geometry + 2]
+        ctx.n_rest = len(rest)  # the geometry and the flags get no gradient
+
+    def backward(ctx, grad_a, grad_b):
+        center, radius, values, row_ptr, col = ctx.saved_tensors
+        need = list(ctx.needs_input_grad[:4])
+        csc = csc_of(row_ptr, col, columns(center, ctx.geometry))
+        grads = backward_op(grad_a, grad_b, center, radius, values, row_ptr, col, *csc,
+                            *backward_geometry(ctx.geometry), ctx.relu_in, ctx.out_bounds, need)
+        return tuple(g if wanted else None for g, wanted in zip(grads, need)) + (None,) * (2 + ctx.n_rest)
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+def _interval_linear_output(center, out_features, geometry):
+    return center.new_empty((center.shape[0], out_features))
+
+
+def _interval_conv2d_output(center, out_channels, geometry):
+    kernel_size, stride, padding, dilation, groups = geometry
+    return _conv_output(center, out_channels, kernel_size, stride, padding, dilation)
+
+
+if _C is not None:
+    _register_linear()
+    _register_conv2d()
+    _register_interval("linear", 1, _interval_linear_output, lambda center, geometry: center.shape[1],
+                       lambda geometry: [])
+    _register_interval("conv2d", 5, _interval_conv2d_output,
+                       lambda center, g: center.shape[1] // g[4] * g[0][0] * g[0][1], lambda geometry: geometry)

@@ -1,0 +1,191 @@
+"""The compressed weight of a pruned layer: its kept weights' indices, packed from the mask, and
+their values, gathered from the weight.
+
+For a weight of shape (out, ...) the 2-D view W2 = weight.view(out, -1) (in_features columns
+for a linear layer, C_in / groups * kH * kW for a convolution) is kept twice:
+
+- CSR over the rows (output channels): ``row_ptr`` int32 [out + 1], ``col`` int32 [nnz],
+  columns sorted within each row, and ``flat_index`` int64 [nnz] into weight.flatten(), so that
+  ``values = torch.take(weight, flat_index)`` is a differentiable gather (a pruned weight gets
+  exactly 0 gradient);
+- CSC over the columns, for the transposed products (input gradients, CROWN's steps):
+  ``col_ptr`` int32 [cols + 1], ``row`` int32 [nnz], rows sorted within each column, and
+  ``csc_to_csr`` int32 [nnz] (CSC entry e holds values[csc_to_csr[e]]).
+
+Packing runs ATen ops only (any device), refuses a mask that is not binary (it reads the mask
+anyway), and is cached per mask, keyed on the mask's identity and version counter: masks change
+rarely (a pruning step), and only the mask's changes repack. Change masks through torch ops
+(copy_, an in-place op under no_grad, load_state_dict), never through ``.data``, which the version
+counter does not see. Values change with every optimiser step: they are gathered per call (an
+O(nnz) pass), except inside ``ops.weight_cache()`` without grad, where they are gathered once per
+weight version.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import NamedTuple
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import weight_pair
+
+
+class SparseIndex(NamedTuple):
+    """The indices of a mask's kept weights (see the module docstring); shape: W2's (rows, cols)."""
+
+    shape: tuple[int, int]
+    row_ptr: torch.Tensor
+    col: torch.Tensor
+    flat_index: torch.Tensor
+    col_ptr: torch.Tensor
+    row: torch.Tensor
+    csc_to_csr: torch.Tensor
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    @property
+    def csc(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.col_ptr, self.row, self.csc_to_csr
+
+
+def _pointers(segment: torch.Tensor, count: int) -> torch.Tensor:
+    """int32 [count + 1] pointers of entries sorted by segment (each in [0, count))."""
+    ptr = segment.new_zeros(count + 1, dtype=torch.long)
+    ptr[1:].scatter_add_(0, segment, torch.ones_like(segment)).cumsum_(0)
+    return ptr.int()
+
+
+def _segment_of(ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The segment (CSR row, CSC column) of every entry, int64; shapes fixed by the inputs (no
+    data-dependent shape, so this also traces under torch.compile)."""
+    return torch.searchsorted(ptr[1:].long(), torch.arange(nnz, device=ptr.device), right=True)
+
+
+def _csc(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]):
+    """(col_ptr, row, csc_to_csr) of CSR entries at (rows, cols), both int64."""
+    csc_to_csr = torch.argsort(cols * shape[0] + rows)
+    return _pointers(cols, shape[1]), rows[csc_to_csr].int(), csc_to_csr.int()
+
+
+def pack_mask(mask: torch.Tensor) -> SparseIndex:
+    """The SparseIndex of a binary mask (out, ...); refuses a mask holding anything but 0 and 1."""
+    m2 = mask.detach().reshape(mask.shape[0], math.prod(mask.shape[1:]))
+    if not bool(((m2 == 0) | (m2 == 1)).all()):
+        raise ValueError("mask must be binary (only 0 and 1) for the compressed path; scale weights "
+                         "through the weight, or use path='dense'")
+    shape = (m2.shape[0], m2.shape[1])
+    rows, cols = m2.nonzero().unbind(1)  # row-major order: the CSR's
+    if rows.numel() >= 2**31:
+        raise ValueError(f"mask keeps {rows.numel()} weights; the compressed path holds fewer than 2^31")
+    col_ptr, row, csc_to_csr = _csc(rows, cols, shape)
+    index = SparseIndex(shape, _pointers(rows, shape[0]), cols.int(), rows * shape[1] + cols, col_ptr, row,
+                        csc_to_csr)
+    _transposes[index.row_ptr] = (weakref.ref(index.col), index.csc)
+    _transposes_back[index.col_ptr] = (weakref.ref(index.csc_to_csr), (index.row_ptr, index.col))
+    return index
+
+
+# The CSC of a CSR (and back) that pack_mask made, by the pointer tensor, for the autograd formulas
+# of ops given one of the two (the weak reference checks the other half is the same tensor).
+_transposes = WeakIdKeyDictionary()
+_transposes_back = WeakIdKeyDictionary()
+
+
+def csc_of(row_ptr: torch.Tensor, col: torch.Tensor, cols: int):
+    """(col_ptr, row, csc_to_csr) of the CSR (row_ptr, col) with `cols` columns."""
+    hit = _transposes.get(row_ptr)
+    if hit is not None and hit[0]() is col:
+        return hit[1]
+    rows = _segment_of(row_ptr, col.numel())
+    return _csc(rows, col.long(), (row_ptr.numel() - 1, cols))
+
+
+def csr_of(col_ptr: torch.Tensor, row: torch.Tensor, csc_to_csr: torch.Tensor, rows: int):
+    """(row_ptr, col) of the CSC (col_ptr, row, csc_to_csr) with `rows` rows."""
+    hit = _transposes_back.get(col_ptr)
+    if hit is not None and hit[0]() is csc_to_csr:
+        return hit[1]
+    cols = _segment_of(col_ptr, row.numel())
+    col = torch.empty_like(cols).scatter_(0, csc_to_csr.long(), cols).int()
+    return _pointers(row.long(), rows), col
+
+
+def _version_key(t: torch.Tensor):
+    """What identifies t's contents for a cache: its version counter and storage, or None when
+    it has no version counter (an inference tensor: never cached)."""
+    if t.is_inference() or isinstance(t, torch._subclasses.FakeTensor):
+        return None
+    return (t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+
+
+# mask -> (key, SparseIndex); always on (see the module docstring).
+_index_cache = WeakIdKeyDictionary()
+# mask -> (key, fraction kept)
+_density_cache = WeakIdKeyDictionary()
+
+
+def mask_index(mask: torch.Tensor) -> SparseIndex:
+    """pack_mask(mask), cached per mask version."""
+    key = _version_key(mask)
+    hit = _index_cache.get(mask)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1]
+    index = pack_mask(mask)
+    if key is not None:
+        _index_cache[mask] = (key, index)
+    return index
+
+
+def mask_density(mask: torch.Tensor) -> float:
+    """The fraction of nonzero entries of mask, cached per mask version."""
+    key = _version_key(mask)
+    hit = _density_cache.get(mask)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1]
+    density = float(torch.count_nonzero(mask)) / max(mask.numel(), 1)
+    if key is not None:
+        _density_cache[mask] = (key, density)
+    return density
+
+
+class _Gather(torch.autograd.Function):
+    """values = torch.take(weight, flat_index). Its gradient puts the values' gradient back into
+    zeros without accumulating, since the indices are distinct: take's own backward accumulates,
+    at twice the cost."""
+
+    @staticmethod
+    def forward(ctx, weight, flat_index):
+        ctx.save_for_backward(flat_index)
+        ctx.weight = weight.detach()  # only its shape, dtype and layout are read
+        return torch.take(weight, flat_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat_index, = ctx.saved_tensors
+        return torch.zeros_like(ctx.weight).put_(flat_index, grad), None
+
+
+# weight -> (key, flat_index weakref, values): inside weight_cache() scopes only, without grad.
+_value_cache = WeakIdKeyDictionary()
+weight_pair.on_scope_exit(_value_cache.clear)
+
+
+def gather_values(weight: torch.Tensor, index: SparseIndex) -> torch.Tensor:
+    """The kept weights, values = weight.flatten()[flat_index], differentiable in weight; inside
+    weight_cache() and without grad, gathered once per weight version."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _Gather.apply(weight, index.flat_index)
+    if not weight_pair.caching():
+        return torch.take(weight, index.flat_index)
+    key = _version_key(weight)
+    hit = _value_cache.get(weight)
+    if key is not None and hit is not None and hit[0] == key and hit[1]() is index.flat_index:
+        return hit[2]
+    values = torch.take(weight.detach(), index.flat_index)
+    if key is not None:
+        _value_cache[weight] = (key, weakref.ref(index.flat_index), values)
+    return values

@@ -1,0 +1,162 @@
+"""The compressed interval ops (sparse_interval_linear / _conv2d): against the dense fused
+interval ops with the mask (ops.interval_linear / interval_conv2d), values and the gradients of
+centre, radius, weight and bias, for every relu_in / out_bounds; against their twins through
+torch.ops; sound by sampling; the radius check; opcheck; float64 gradcheck."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robprune_fast import ops, reference
+from robprune_fast.ops import sparse
+from tests.helpers.masked import SPARSITIES, TOL, compare_op, compressed, random_mask
+
+OPS = torch.ops.robprune_fast
+FLAGS = list(itertools.product([False, True], [False, True]))  # (relu_in, out_bounds)
+CONV = dict(stride=(2, 1), padding=1, dilation=1, groups=2)
+
+
+def box(shape, dtype, g):
+    center = torch.randn(shape, generator=g, dtype=dtype)
+    radius = torch.rand(shape, generator=g, dtype=dtype) * (torch.rand(shape, generator=g, dtype=dtype) > 0.1)
+    return center, radius
+
+
+def layer(kind, sparsity, dtype, seed=0, n=5):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "linear":
+        c, r = box((n, 37), dtype, g)
+        w = torch.randn(21, 37, generator=g, dtype=dtype)
+    else:
+        c, r = box((n, 4, 9, 8), dtype, g)
+        w = torch.randn(6, 2, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(w.shape[0], generator=g, dtype=dtype)
+    return c, r, w, b, random_mask(w.shape, sparsity, dtype, "cpu", g)
+
+
+def run(lib, kind, c, r, w, b, m, relu_in, out_bounds):
+    if kind == "linear":
+        return lib.interval_linear(c, r, w, b, m, relu_in=relu_in, out_bounds=out_bounds)
+    return lib.interval_conv2d(c, r, w, b, m, **CONV, relu_in=relu_in, out_bounds=out_bounds)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("flags", FLAGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_dense_interval_op(kind, sparsity, flags, dtype):
+    c, r, w, b, m = layer(kind, sparsity, dtype)
+    leaves = lambda: [t.clone().requires_grad_(True) for t in (c, r, w, b)]
+    a_in, b_in = leaves(), leaves()
+    got = run(sparse, kind, *a_in, m, *flags)
+    want = run(ops, kind, *b_in, m, *flags)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL[dtype])
+    cots = [torch.randn_like(y) for y in want]
+    torch.autograd.backward(list(got), cots)
+    torch.autograd.backward(list(want), cots)
+    for name, x, y in zip(("center", "radius", "weight", "bias"), a_in, b_in):
+        torch.testing.assert_close(x.grad, y.grad, **TOL[dtype], msg=f"grad of {name}")
+    assert bool((a_in[2].grad[m == 0] == 0).all()), "a pruned weight received a gradient"
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=str)
+def test_ops_match_twins(flags):
+    dtype = torch.float64
+    c, r, w, b, m = layer("linear", 0.5, dtype)
+    index, v = compressed(w, m)
+    compare_op(lambda *a: OPS.sparse_interval_linear(*a, *flags),
+               lambda *a: reference.sparse_interval_linear(*a, *flags), (c, r, v, b, index.row_ptr, index.col, 21),
+               dtype)
+    c, r, w, b, m = layer("conv2d", 0.5, dtype)
+    index, v = compressed(w, m)
+    geometry = ([3, 3], [2, 1], [1, 1], [1, 1], 2)
+    compare_op(lambda *a: OPS.sparse_interval_conv2d(*a, *flags),
+               lambda *a: reference.sparse_interval_conv2d(*a, *flags),
+               (c, r, v, b, index.row_ptr, index.col, *geometry), dtype)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "batch1"])
+def test_conv_layouts(layout):
+    c, r, w, b, m = layer("conv2d", 0.7, torch.float64, n=1 if layout == "batch1" else 3)
+    if layout == "channels_last":
+        c, r = (t.contiguous(memory_format=torch.channels_last) for t in (c, r))
+    got = run(sparse, "conv2d", c, r, w, b, m, True, True)
+    want = run(ops, "conv2d", c, r, w, b, m, True, True)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL[torch.float64])
+        assert x.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_sound_by_sampling(kind):
+    """Points of the box (interior and corners) through the real masked layer land inside."""
+    c, r, w, b, m = layer(kind, 0.8, torch.float32, n=3)
+    lower, upper = run(sparse, kind, c, r, w, b, m, True, True)
+    slack = 1e-5 * (1 + torch.maximum(lower.abs(), upper.abs()).amax())
+    for i in range(64):
+        u = torch.rand_like(c) * 2 - 1
+        x = torch.relu(c + r * (u.sign() if i % 2 else u))
+        y = F.linear(x, w * m, b) if kind == "linear" else F.conv2d(x, w * m, b, **CONV)
+        assert bool((y >= lower - slack).all()) and bool((y <= upper + slack).all()), f"sample {i} outside"
+
+
+def test_radius_check():
+    c, r, w, b, m = layer("linear", 0.5, torch.float32)
+    index, v = compressed(w, m)
+    bad = r.clone()
+    bad[0, 0] = -1
+    with pytest.raises(RuntimeError, match="radius must be >= 0"):
+        OPS.sparse_interval_linear(c, bad, v, b, index.row_ptr, index.col, 21, False, False)
+    OPS.sparse_interval_linear(c, bad, v, b, index.row_ptr, index.col, 21, False, False, check_radius=False)
+    c, r, w, b, m = layer("conv2d", 0.5, torch.float32)
+    index, v = compressed(w, m)
+    bad = r.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="radius must be >= 0"):
+        OPS.sparse_interval_conv2d(c, bad, v, b, index.row_ptr, index.col, [3, 3], [2, 1], [1, 1], [1, 1], 2,
+                                   True, False)
+
+
+def test_mask_is_required():
+    c, r, w, b, _ = layer("linear", 0.5, torch.float32)
+    with pytest.raises(ValueError, match="mask is required"):
+        sparse.interval_linear(c, r, w, b, None)
+
+
+def test_opcheck():
+    c, r, w, b, m = layer("linear", 0.5, torch.float32)
+    index, v = compressed(w, m)
+    leaves = [t.requires_grad_(True) for t in (c, r, b)]
+    for flags in FLAGS:
+        torch.library.opcheck(OPS.sparse_interval_linear, (*leaves[:2], v, leaves[2], index.row_ptr, index.col, 21,
+                                                           *flags))
+    c, r, w, b, m = layer("conv2d", 0.5, torch.float32)
+    index, v = compressed(w, m)
+    leaves = [t.requires_grad_(True) for t in (c, r, b)]
+    geometry = ([3, 3], [2, 1], [1, 1], [1, 1], 2)
+    torch.library.opcheck(OPS.sparse_interval_conv2d, (*leaves[:2], v, leaves[2], index.row_ptr, index.col, *geometry,
+                                                       True, True), {"check_radius": False})
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    c, r = box((2, 6), torch.float64, g)
+    r = r + 0.1  # away from the kinks of the ReLU box
+    w = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    index, v = compressed(w, random_mask(w.shape, 0.5, torch.float64, "cpu", g))
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    for flags in FLAGS:
+        assert torch.autograd.gradcheck(
+            lambda c, r, v, b: OPS.sparse_interval_linear(c, r, v, b, index.row_ptr, index.col, 4, *flags),
+            [t.clone().requires_grad_(True) for t in (c, r, v, b)])
+    c, r = box((2, 2, 5, 4), torch.float64, g)
+    r = r + 0.1
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=g)
+    index, v = compressed(w, random_mask(w.shape, 0.5, torch.float64, "cpu", g))
+    b = torch.randn(3, dtype=torch.float64, generator=g)
+    geometry = ([3, 3], [2, 1], [1, 1], [1, 1], 1)
+    assert torch.autograd.gradcheck(
+        lambda c, r, v, b: OPS.sparse_interval_conv2d(c, r, v, b, index.row_ptr, index.col, *geometry, True, True),
+        [t.clone().requires_grad_(True) for t in (c, r, v, b)])

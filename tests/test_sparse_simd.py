@@ -1,0 +1,40 @@
+"""The compressed path's kernels are compiled for three instruction sets (csrc/sparse/sparse_cpu.cpp:
+AVX-512, AVX2 + FMA, the x86-64 baseline) and run the best the CPU has. The other two are what
+other machines run: the kernels' tests run again in subprocesses forced onto each of them
+(ROBPRUNE_SIMD), where this CPU has the instructions."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = ["tests/test_sparse_linear.py", "tests/test_sparse_conv2d.py", "tests/test_sparse_interval.py"]
+
+
+def cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("isa,flag", [("avx2", "avx2"), ("baseline", None)])
+def test_kernels_on_every_instruction_set(isa, flag):
+    if flag and not cpu_has(flag):
+        pytest.skip(f"this CPU lacks {flag}")
+    env = dict(os.environ, ROBPRUNE_SIMD=isa, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "-k", "matches_twin or layouts or plane_sizes or fused or degenerate", *TESTS],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_unknown_instruction_set_is_refused():
+    code = ("import torch, robprune_fast.ops; from robprune_fast.ops import sparse_index as s\n"
+            "i = s.pack_mask(torch.ones(2, 2))\n"
+            "torch.ops.robprune_fast.sparse_linear(torch.ones(1, 2), torch.ones(4), None, i.row_ptr, i.col, 2)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, ROBPRUNE_SIMD="sse9"))
+    assert proc.returncode != 0 and "ROBPRUNE_SIMD must be avx512, avx2 or baseline" in proc.stderr
