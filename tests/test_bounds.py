@@ -158,8 +158,10 @@ def test_colliding_specifications_are_not_grouped():
 @pytest.mark.parametrize("with_spec", [False, True], ids=["logits", "margins"])
 def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monkeypatch):
     """compute_bounds' IBP without autograd ReLUs its own boxes in place (ops.unchecked.relu_box_):
-    the same bounds, bit for bit, as the path that keeps every pre-activation box
-    (bound_details), and neither x nor the model changes. With autograd it stays functional."""
+    the same exact-arithmetic bounds, bit for bit, as the path that keeps every pre-activation
+    box (bound_details), and neither x nor the model changes. Sound, the two paths widen a box
+    after a ReLU from different readings (the post-ReLU box, the pre-ReLU one), so they agree
+    to rounding and both hold the exact bounds. With autograd it stays functional."""
     model = build()
     x = inputs(shape, n=4)
     with torch.no_grad():
@@ -170,10 +172,16 @@ def test_ibp_without_autograd_maps_relus_in_place(build, shape, with_spec, monke
     real = ops.unchecked.relu_box_
     monkeypatch.setattr(ops.unchecked, "relu_box_", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
-        lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
+        lower, upper = bounds.compute_bounds(model, x, 0.05, "ibp", C, sound=False)
         assert calls, "the in-place path was not taken"
-        details = bounds.bound_details(model, x, 0.05, "ibp", C)
-    assert torch.equal(lower, details.lower) and torch.equal(upper, details.upper)
+        details = bounds.bound_details(model, x, 0.05, "ibp", C, sound=False)
+        assert torch.equal(lower, details.lower) and torch.equal(upper, details.upper)
+        sound_lower, sound_upper = bounds.compute_bounds(model, x, 0.05, "ibp", C)
+        sound = bounds.bound_details(model, x, 0.05, "ibp", C)
+    for lo, up in ((sound_lower, sound_upper), (sound.lower, sound.upper)):
+        assert (lo < lower).all() and (up > upper).all()
+        torch.testing.assert_close(lo, lower, rtol=0, atol=1e-12)
+        torch.testing.assert_close(up, upper, rtol=0, atol=1e-12)
     assert torch.equal(x, x_before)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), params_before))
     calls.clear()

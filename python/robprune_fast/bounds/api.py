@@ -153,7 +153,10 @@ def ibp_stage(model, x, eps, C, dtype, method, in_place=False, sound=False):
                                           f"; use method='ibp'")
     if needs_clean(seq):
         clean_walk(seq, x)
-    budget = rounding.Budget(x, eps, _forward_dtype(model, dtype), method != "ibp") if sound else None
+    # Sound IBP widens its boxes by their rounding; CROWN tracks a budget for its sweeps.
+    forward_dtype = _forward_dtype(model, dtype)
+    widen = rounding.Widening(dtype, forward_dtype) if sound and method == "ibp" else None
+    budget = rounding.Budget(x, eps, forward_dtype, crown=True) if sound and method != "ibp" else None
     # CROWN concretises over the input box in pixel space; IBP starts from it pushed through
     # the model's input normalisation, which ops.input_box folds into the same pass over x.
     box = None if method == "ibp" else input_box(x, eps)
@@ -162,12 +165,15 @@ def ibp_stage(model, x, eps, C, dtype, method, in_place=False, sound=False):
         first = seq[0]
         first.in_shape = first.out_shape = tuple(x.shape[1:])
         if budget is not None:
-            pixels = (x + eps).clamp(max=1).amax(0, keepdim=True)
-            budget.T = first.rounding(budget.T, pixels, budget)
-        out, C = ibp.output_bounds(seq[1:], *input_box(x, eps, scale, shift), C, in_place, budget)
+            budget.T = first.rounding(budget.T, (x + eps).clamp(max=1), budget)
+        c, r = input_box(x, eps, scale, shift)
+        if widen is not None:  # the normalisation folded into the input box rounds too
+            pixels = (x + eps).clamp(max=1) * first.scale.abs()
+            r = widen.after(first, torch.add(r, pixels, alpha=6 * widen.gamma(first.terms + 2)))
+        out, C = ibp.output_bounds(seq[1:], c, r, C, in_place, budget, widen)
     else:
         out, C = ibp.output_bounds(seq, *(box if box is not None else input_box(x, eps)), C,
-                                   in_place, budget)
+                                   in_place, budget, widen)
     return seq, box, out, C, budget
 
 
@@ -239,9 +245,11 @@ def bound_details(model: nn.Module, x: torch.Tensor, eps, method: str = "crown-i
 
     ``relu_bounds`` maps each ReLU layer's name (its module path; a module used twice gets a
     ``:2`` suffix) to (lower, upper) of shape (B, *neuron_shape), widened by their rounding
-    slack when sound.  ``output_slack`` (sound only) is KAPPA * T at the model's output,
-    (1, *output_shape): how far rounding can move each output of the computation or of the
-    model's own forward; None otherwise.
+    slack when sound.  ``output_slack``: how far
+    rounding can move each output of the computation or of the model's own forward, so how far
+    two floating-point forwards may differ: KAPPA * T at the model's output, (1, *output_shape),
+    for the sound CROWN methods; otherwise the width of sound IBP's box of the outputs at
+    eps = 0, (B, *output_shape).
     """
     return _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype,
                    relu_bounds=True, sound=sound, differentiable=differentiable)
@@ -264,9 +272,20 @@ def _bounds(model, x, eps, method, C, upper, intersect_ibp, max_memory, dtype, r
                     _check_autograd_memory(seq, x, C, method, max_memory)
                 lower, upper_bound = _crown_output(seq, box, C, lower, upper_bound, upper,
                                                    intersect_ibp, max_memory, method, budget)
-    slack = None if budget is None else budget.slack()
+        slack = None if budget is None else budget.slack()
+        if slack is None and relu_bounds:
+            slack = _widened_logit_width(model, x, eps, dtype)
     return Bounds(lower, upper_bound if upper else None,
                   ReluBounds(seq) if relu_bounds else {}, slack)
+
+
+def _widened_logit_width(model, x, eps, dtype):
+    """Sound IBP's output slack: the width of the widened box of the logits at eps = 0. It
+    holds the exact logits and any floating-point forward of the network, so two forwards
+    (the engine's and the model's own) differ by at most this much."""
+    _, _, (lower, upper), _, _ = ibp_stage(model, x, torch.zeros_like(eps), None, dtype, "ibp",
+                                           sound=True)
+    return upper - lower
 
 
 def _crown_output(seq, box, C, ibp_lower, ibp_upper, upper, intersect_ibp, max_memory, method,

@@ -104,17 +104,19 @@ def _pruned_tensor(module: nn.Module, name: str):
 
 
 def _affine(module, label, dtype):
-    """Linear / Conv op with the weight, bias and mask module's forward applies."""
+    """Linear / Conv op with the weight, bias and mask module's forward applies (and, for a
+    masked module, its path: dense or compressed)."""
+    path = None
     if isinstance(module, (MaskedLinear, MaskedConv2d)):
-        weight, mask = module.weight, module.effective_mask()
+        weight, mask, path = module.weight, module.effective_mask(), module.path
     else:
         weight, mask = _pruned_tensor(module, "weight")
     bias, bias_mask = _pruned_tensor(module, "bias")
     if bias_mask is not None:
         bias = bias * bias_mask
     if isinstance(module, nn.Linear):
-        return Linear(label, weight, bias, mask, dtype)
-    return Conv(label, weight, bias, mask, dtype, module)
+        return Linear(label, weight, bias, mask, dtype, path)
+    return Conv(label, weight, bias, mask, dtype, module, path)
 
 
 def compile_model(model: nn.Module, dtype) -> list[Op]:

@@ -15,7 +15,7 @@ from .layers import Linear, ReLU, Residual
 DISTINCT_SPEC_FRACTION = 4
 
 
-def walk(seq, c, r, keep_pending=False, in_place=False, budget=None):
+def walk(seq, c, r, keep_pending=False, in_place=False, budget=None, widen=None):
     """Push the box (c, r) through seq.  A ReLU is held back ("pending") until the next op, so that
     a linear/conv layer can apply it in its relu_in prologue.  Returns (c, r) or, with
     ``keep_pending``, (c, r, pending) leaving a final pending ReLU to the caller.
@@ -26,6 +26,7 @@ def walk(seq, c, r, keep_pending=False, in_place=False, budget=None):
     their page faults.
 
     ``budget``: a rounding.Budget carried along (every op moves it; every ReLU takes its slack).
+    ``widen``: a rounding.Widening that widens every op's box by its rounding instead.
     """
     pending = False
     for op in seq:
@@ -46,14 +47,21 @@ def walk(seq, c, r, keep_pending=False, in_place=False, budget=None):
         if budget is not None:
             h = budget.magnitude(c, r)
         if pending and op.fuses_relu:
+            if widen is not None:
+                r = widen.before(op, c, r, relu_pending=True)
             c, r = op.ibp(c, r, relu_in=True)
             pending = False
         else:
             if pending and not op.commutes_with_relu:
                 c, r = reference.relu_box(c, r)
                 pending = False
-            c, r = _residual(op, c, r, budget) if isinstance(op, Residual) else op.ibp(c, r)
+            if widen is not None:
+                r = widen.before(op, c, r, relu_pending=False)
+            c, r = (_residual(op, c, r, budget, widen) if isinstance(op, Residual)
+                    else op.ibp(c, r))
         op.out_shape = tuple(c.shape[1:])
+        if widen is not None:
+            r = widen.after(op, r)
         if budget is not None and not isinstance(op, Residual):
             budget.T = op.rounding(budget.T, h, budget)
             # A reshape passes what a ReLU let through on to the next op.
@@ -65,58 +73,83 @@ def walk(seq, c, r, keep_pending=False, in_place=False, budget=None):
     return reference.relu_box(c, r) if pending else (c, r)
 
 
-def _residual(block: Residual, c, r, budget):
+def _residual(block: Residual, c, r, budget, widen):
     """The two branches' boxes added (the interval of a sum lies in the sum of the intervals);
     the budget of the sum is the branches' budgets added, plus the addition's own rounding."""
     t_in = None if budget is None else budget.T
-    oc, orad = walk(block.pre, c, r, budget=budget)
+    oc, orad = walk(block.pre, c, r, budget=budget, widen=widen)
     t_pre = None if budget is None else (budget.T, budget.relu_magnitude)
-    mc, mr = walk(block.main, oc, orad, budget=budget)
+    mc, mr = walk(block.main, oc, orad, budget=budget, widen=widen)
     t_main = None if budget is None else budget.T
     if block.shortcut is None:
         sc, sr, t_skip = c, r, t_in
     else:
         if budget is not None:
             budget.T, budget.relu_magnitude = t_pre
-        sc, sr = walk(block.shortcut, oc, orad, budget=budget)
+        sc, sr = walk(block.shortcut, oc, orad, budget=budget, widen=widen)
         t_skip = None if budget is None else budget.T
     out_c, out_r = mc + sc, mr + sr
+    if widen is not None:
+        out_r = widen.around_sum(out_c, out_r)
     if budget is not None:
         budget.T = t_main + t_skip + budget.gamma(2) * rounding.magnitude(out_c, out_r)
         budget.relu_magnitude = None
     return out_c, out_r
 
 
-def output_bounds(seq, c, r, C, in_place=False, budget=None):
+def output_bounds(seq, c, r, C, in_place=False, budget=None, widen=None):
     """IBP ((lower, upper), C) of the output, or of C @ output with C folded into a final Linear;
-    C comes back checked and expanded to (B, S, K). in_place and budget: as in walk; with a
-    budget the bounds are widened by its slack, so they hold in floating point."""
+    C comes back checked and expanded to (B, S, K). in_place, budget and widen: as in walk;
+    with either the bounds hold in floating point."""
     if C is not None and seq and isinstance(seq[-1], Linear):
-        c, r, pending = walk(seq[:-1], c, r, keep_pending=True, in_place=in_place, budget=budget)
+        c, r, pending = walk(seq[:-1], c, r, keep_pending=True, in_place=in_place, budget=budget,
+                             widen=widen)
         last = seq[-1]
         last.in_shape = tuple(c.shape[1:])
         C = expand_spec(C, c.shape[0], last.weight.shape[0])
         last.out_shape = (last.weight.shape[0],)
         if budget is not None:
             budget.T = last.rounding(budget.T, budget.magnitude(c, r), budget)
-        lower, upper = spec_bounds(last, c, r, C, relu_in=pending)
+        centre, radius = spec_bounds(last, c, r, C, relu_in=pending)
+        if widen is not None:
+            radius = _widen_spec(widen, last, c, r, C, pending, radius)
+        lower, upper = centre - radius, centre + radius
     else:
-        c, r = walk(seq, c, r, in_place=in_place, budget=budget)
+        c, r = walk(seq, c, r, in_place=in_place, budget=budget, widen=widen)
+        if widen is not None:  # a last ReLU box's own rounding
+            r = widen.around_sum(c, r)
         if C is not None:
             if c.dim() != 2:
                 raise ValueError(f"C needs a model with flat outputs (B, K), got outputs of shape "
                                  f"{tuple(c.shape)}")
             C = expand_spec(C, c.shape[0], c.shape[1])
+            u = c.abs() + r
             c, r = (C @ c.unsqueeze(-1)).squeeze(-1), (C.abs() @ r.unsqueeze(-1)).squeeze(-1)
+            if widen is not None:  # C's products: K terms each
+                r = r + 2 * widen.gamma(C.shape[2] + 2) * (C.abs() @ u.unsqueeze(-1)).squeeze(-1)
         lower, upper = c - r, c + r
     if budget is not None:
         slack = budget.slack(C)
         lower, upper = lower - slack, upper + slack
+    if widen is not None:
+        lower, upper = widen.outward(lower, upper)
     return (lower, upper), C
 
 
+def _widen_spec(widen, last: Linear, c, r, C, pending, radius):
+    """The folded last layer's radius widened by its rounding. Its radius |C W| r may cancel
+    where C's rows meet (a margin's two logits), but the logits' rounding errors do not: the
+    error is bounded through |C| |W| (one small extra product, K outputs per input)."""
+    u = torch.relu(c + r) if pending else c.abs() + r
+    g = widen.gamma(last.terms + C.shape[2] + 2)
+    per_logit = F.linear(u, last.abs_weight())
+    if last.bias is not None:
+        per_logit = per_logit + last.bias.detach().abs()
+    return radius * (1 + g) + 3 * g * (C.abs() @ per_logit.unsqueeze(-1)).squeeze(-1)
+
+
 def spec_bounds(last: Linear, c, r, C, relu_in):
-    """(lower, upper) of C @ (W h + b) with C folded into W; C: (B, S, K).
+    """(centre, radius) of C @ (W h + b) with C folded into W; C: (B, S, K).
 
     The centre is linear, so it is C @ (W c + b) (one GEMM, then a tiny batched product).
     The radius needs the folded weight: |C_b W| r_b, tighter than |C_b| |W| r_b. Inputs
@@ -139,7 +172,7 @@ def spec_bounds(last: Linear, c, r, C, relu_in):
         radius = every.gather(1, which.view(batch, 1, 1).expand(batch, 1, specs)).squeeze(1)
     else:
         radius = ((C @ weight).abs() @ r.unsqueeze(-1)).squeeze(-1)
-    return centre - radius, centre + radius
+    return centre, radius
 
 
 def distinct_specs(C):

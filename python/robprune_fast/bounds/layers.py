@@ -42,19 +42,34 @@ class Op:
         """The rounding budget at the output from T at the input, h >= |input| (see rounding)."""
         raise NotImplementedError
 
+    # For IBP's widening (rounding.Widening): the terms each output of the op sums (0: the op
+    # computes nothing that rounds), and the magnitude it adds besides them (a bias), or None.
+    terms = 0
+
+    def added_magnitude(self):
+        return None
+
 
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
 class Affine(Op):
-    """A linear or conv2d layer: weight, bias and mask as the module's forward applies them."""
-    fuses_relu = mixes = True
+    """A linear or conv2d layer: weight, bias and mask as the module's forward applies them.
 
-    def __init__(self, name, weight, bias, mask, dtype):
+    ``path`` (a masked module's: "auto", "dense" or "sparse"; None for any other layer) decides,
+    with the mask's density (ops.masked.takes_sparse_path), whether the layer's interval step,
+    clean forward and rounding budget run on the compressed weight (ops.sparse), which skips
+    the pruned weights. CROWN's steps run dense either way."""
+    fuses_relu = mixes = True
+    kind = ""  # the op family's name for the crossover table: "linear" or "conv2d"
+
+    def __init__(self, name, weight, bias, mask, dtype, path=None):
         super().__init__(name)
         self.weight, self.bias, self.mask = weight.to(dtype), _cast(bias, dtype), _cast(mask, dtype)
+        self.path = path
         self._abs_weight = None
+        self._sparse = None
 
     def effective_weight(self):
         return reference.effective_weight(self.weight, self.mask)
@@ -64,12 +79,36 @@ class Affine(Op):
             self._abs_weight = self.effective_weight().detach().abs()
         return self._abs_weight
 
+    def sparse(self, x) -> bool:
+        """Whether this call runs the layer on the compressed path (decided at its first box).
+        With autograd, "auto" stays dense: the compressed interval steps' backward loses to
+        the dense one (benchmarks/pruned_ibp_step.py: a 90%-pruned cnn_large's IBP training
+        step ran 0.63x as fast), so the compressed path serves bounds without gradients
+        (verification, evaluation) unless a layer's path forces it."""
+        if self._sparse is None:
+            self._sparse = (self.path is not None
+                            and not (self.path == "auto" and torch.is_grad_enabled())
+                            and ops.masked.takes_sparse_path(
+                                self.path, self.kind, x, self._crossover_shape(x), self.weight,
+                                self.mask, self._crossover_geometry()))
+        return self._sparse
+
+    def added_magnitude(self):
+        if self.bias is None:
+            return None
+        return self.bias.detach().abs().view((-1,) + (1,) * (len(self.out_shape) - 1))
+
+    def _abs_sparse(self):
+        """(index, |kept values|) of the compressed weight."""
+        index = ops.sparse.mask_index(self.mask)
+        return index, ops.sparse.gather_values(self.weight.detach(), index).abs()
+
     def _rounding(self, T, h, budget, fan_in, fan_out, product):
         """|W| (T + gamma h) + gamma_b |b|: the forward's and IBP's dot products sum fan_in
         terms (and the bias); CROWN's transposed products sum fan_out, and its bias terms sum
         over every output neuron."""
         g = budget.gamma((max(fan_in, fan_out) if budget.crown else fan_in) + 2)
-        out = product(T + g * h, self.abs_weight())
+        out = product(T + g * h)
         if self.bias is None:
             return out
         terms = math.prod(self.out_shape) if budget.crown else 1
@@ -78,11 +117,27 @@ class Affine(Op):
 
 
 class Linear(Affine):
+    kind = "linear"
+
+    @property
+    def terms(self):
+        return self.weight.shape[1] + 1
+
+    def _crossover_shape(self, x):
+        return (math.prod(x.shape[:-1]), x.shape[-1])
+
+    def _crossover_geometry(self):
+        return ()
+
     def ibp(self, c, r, relu_in=False):
+        if self.sparse(c):
+            return ops.sparse.interval_linear(c, r, self.weight, self.bias, self.mask, relu_in)
         return ops.unchecked.interval_linear(c, r, self.weight, self.bias, self.mask, relu_in,
                                              check_radius=False)
 
     def clean(self, x):
+        if self.sparse(x):
+            return ops.sparse.linear(x, self.weight, self.bias, self.mask)
         return F.linear(x, self.effective_weight(), self.bias)
 
     def backward(self, A):
@@ -90,7 +145,12 @@ class Linear(Affine):
 
     def rounding(self, T, h, budget):
         out_features, in_features = self.weight.shape
-        return self._rounding(T, h, budget, in_features, out_features, F.linear)
+        if self.path is not None and self._sparse:
+            index, values = self._abs_sparse()
+            product = lambda v: ops.sparse.sparse_linear(v, values, None, index)
+        else:
+            product = lambda v: F.linear(v, self.abs_weight())
+        return self._rounding(T, h, budget, in_features, out_features, product)
 
 
 def conv_padding(module: nn.Conv2d):
@@ -109,18 +169,43 @@ def conv_padding(module: nn.Conv2d):
 
 
 class Conv(Affine):
-    def __init__(self, name, weight, bias, mask, dtype, module: nn.Conv2d):
-        super().__init__(name, weight, bias, mask, dtype)
+    kind = "conv2d"
+
+    @property
+    def terms(self):
+        return math.prod(self.weight.shape[1:]) + 1
+
+    def __init__(self, name, weight, bias, mask, dtype, module: nn.Conv2d, path=None):
+        super().__init__(name, weight, bias, mask, dtype, path)
         self.geometry = dict(stride=module.stride, padding=conv_padding(module),
                              dilation=module.dilation, groups=module.groups)
 
+    def _crossover_shape(self, x):
+        return tuple(x.shape)
+
+    def _crossover_geometry(self):
+        g = self.geometry
+        return tuple(map(list, (g["stride"], g["padding"], g["dilation"]))) + (g["groups"],)
+
+    def _sparse_geometry(self):
+        g = self.geometry
+        return (list(self.weight.shape[2:]), list(g["stride"]), list(g["padding"]),
+                list(g["dilation"]), g["groups"])
+
     def ibp(self, c, r, relu_in=False):
         g = self.geometry
+        if self.sparse(c):
+            return ops.sparse.interval_conv2d(c, r, self.weight, self.bias, self.mask, g["stride"],
+                                              g["padding"], g["dilation"], g["groups"], relu_in)
         return ops.unchecked.interval_conv2d(c, r, self.weight, self.bias, self.mask, g["stride"],
                                              g["padding"], g["dilation"], g["groups"], relu_in,
                                              check_radius=False)
 
     def clean(self, x):
+        if self.sparse(x):
+            g = self.geometry
+            return ops.sparse.conv2d(x, self.weight, self.bias, self.mask, list(g["stride"]),
+                                     list(g["padding"]), list(g["dilation"]), g["groups"])
         return F.conv2d(x, self.effective_weight(), self.bias, **self.geometry)
 
     def backward(self, A):
@@ -137,8 +222,12 @@ class Conv(Affine):
         # (CROWN) gathers at most C_out/groups * taps.
         taps = math.prod(self.weight.shape[2:])
         fan_in, fan_out = self.weight.shape[1] * taps, self.weight.shape[0] // self.geometry["groups"] * taps
-        return self._rounding(T, h, budget, fan_in, fan_out,
-                              lambda v, w: F.conv2d(v, w, None, **self.geometry))
+        if self.path is not None and self._sparse:
+            index, values = self._abs_sparse()
+            product = lambda v: ops.sparse.sparse_conv2d(v, values, None, index, *self._sparse_geometry())
+        else:
+            product = lambda v: F.conv2d(v, self.abs_weight(), None, **self.geometry)
+        return self._rounding(T, h, budget, fan_in, fan_out, product)
 
 
 class Scale(Op):
@@ -159,6 +248,11 @@ class Scale(Op):
 
     def backward(self, A):
         return steps.backward_scale(A, self.scale, self.shift)
+
+    terms = 4  # x * scale + shift against the module's (x - mean) / std * w + b
+
+    def added_magnitude(self):
+        return (self.shift.abs() if self.shift_magnitude is None else self.shift_magnitude).detach()
 
     def rounding(self, T, h, budget):
         # A few element-wise operations per neuron (CROWN's sum of the shift over all neurons
@@ -244,16 +338,19 @@ class AvgPool(Op):
                                          pair(m.padding), m.ceil_mode, m.count_include_pad,
                                          m.divisor_override)
 
-    def rounding(self, T, h, budget):
-        # The weights are >= 0, so pooling T is the magnitude map. A window sums at most
-        # kernel_size terms (adaptive pooling: ceil(in / out) + 1 per dimension).
+    @property
+    def terms(self):
+        """A window sums at most kernel_size terms (adaptive pooling: ceil(in / out) + 1 per
+        dimension), then divides."""
         m = self.module
         if isinstance(m, nn.AdaptiveAvgPool2d):
             out = nn.modules.utils._pair(m.output_size)
-            taps = math.prod(-(-n // (o or n)) + 1 for n, o in zip(self.in_shape[-2:], out))
-        else:
-            taps = math.prod(nn.modules.utils._pair(m.kernel_size))
-        return m(T + budget.gamma(taps + 2) * h)
+            return math.prod(-(-n // (o or n)) + 1 for n, o in zip(self.in_shape[-2:], out)) + 1
+        return math.prod(nn.modules.utils._pair(m.kernel_size)) + 1
+
+    def rounding(self, T, h, budget):
+        # The weights are >= 0, so pooling T is the magnitude map.
+        return self.module(T + budget.gamma(self.terms + 1) * h)
 
 
 class MaxPool(Op):
@@ -272,6 +369,8 @@ class MaxPool(Op):
 
     def clean(self, x):
         return self.module(x)
+
+    terms = 2  # the box's ends c - r and c + r, and back to (centre, radius)
 
     def rounding(self, T, h, budget):
         # max moves an error by at most the largest error in the window.

@@ -45,6 +45,8 @@ typical errors are far smaller, so it costs little tightness (BENCHMARKS.md meas
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 KAPPA = 3.0
@@ -114,3 +116,56 @@ class Budget:
         if C is None:
             return KAPPA * self.T
         return KAPPA * (C.abs() @ self.T.flatten(1).unsqueeze(-1)).squeeze(-1)
+
+
+class Widening:
+    """IBP's rounding folded into its boxes (IBP alone needs no separate budget).
+
+    Each op's dot products (n terms) are off by at most gamma_n (|W| |v| + |b|) in the
+    centre and in the model's own forward, v what each reads (the centre, a point of the box),
+    and the radius is rounded down by at most a factor (1 - gamma_n). Before each op that
+    rounds, the input radius grows by 6 gamma_n u, u the largest value the op reads
+    (|centre| + radius, or relu(centre + radius) under a pending ReLU): every point of the old
+    box then lies 6 gamma_n u inside the new one, which through |W| covers both errors with room
+    for the ReLU box's own element-wise rounding. One exception: where a pending ReLU clamps a
+    box's lower end at 0 the widening cannot move that end, but there every point is >= 0, so
+    the forward's error is paid by its own distance from the end, and the centre's error
+    (gamma_n |W| c, c = r there) by growing the output radius by the factor (1 + 3 gamma_n),
+    which also undoes its rounding down. A bias adds 3 gamma_n |b|. So the widened box holds
+    the exact outputs and the float forward's, and the next op starts from a box that holds
+    both. Element-wise sums (a residual block's) widen by 3 gamma_2 (|c| + r); the last bounds
+    are rounded outward (one ulp). This costs a few element-wise passes per layer and no
+    product: a tracked budget would cost one more convolution per layer, which CROWN needs
+    (``Budget``) but IBP does not.
+    """
+
+    def __init__(self, dtype: torch.dtype, forward_dtype: torch.dtype):
+        self.dtype = max((dtype, forward_dtype), key=unit_roundoff)
+
+    def gamma(self, n: int) -> float:
+        return gamma(n, self.dtype)
+
+    def before(self, op, c: torch.Tensor, r: torch.Tensor, relu_pending: bool) -> torch.Tensor:
+        if not op.terms:
+            return r
+        u = torch.relu(c + r) if relu_pending else c.abs() + r
+        return torch.add(r, u, alpha=6 * self.gamma(op.terms + 2))
+
+    def after(self, op, r: torch.Tensor) -> torch.Tensor:
+        if not op.terms:
+            return r
+        g = self.gamma(op.terms + 2)
+        added = op.added_magnitude()
+        r = r * (1 + 3 * g)
+        return r if added is None else torch.add(r, added, alpha=3 * g)
+
+    def around_sum(self, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The radius of an element-wise sum (or of a last ReLU box) widened by its rounding
+        in the centre, the radius and the forward."""
+        return torch.add(r, c.abs() + r, alpha=3 * self.gamma(2))
+
+    @staticmethod
+    def outward(lower: torch.Tensor, upper: torch.Tensor):
+        """(lower, upper) moved one ulp outward: the rounding of c - r and c + r."""
+        return (torch.nextafter(lower, lower.new_tensor(-math.inf)),
+                torch.nextafter(upper, upper.new_tensor(math.inf)))

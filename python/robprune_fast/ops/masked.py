@@ -42,7 +42,7 @@ def masked_linear(x, weight, bias=None, mask=None, path="auto"):
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x's last dimension must equal weight.size(1) (in_features = "
                          f"{weight.shape[1]}), got shape {tuple(x.shape)}")
-    if _sparse(path, "linear", x, (math.prod(x.shape[:-1]), x.shape[-1]), weight, mask, ()):
+    if takes_sparse_path(path, "linear", x, (math.prod(x.shape[:-1]), x.shape[-1]), weight, mask, ()):
         return sparse.linear(x, weight, bias, mask)
     return masked_linear_dense(x, weight, bias, mask)
 
@@ -65,7 +65,7 @@ def masked_conv2d(x, weight, bias=None, mask=None, stride=1, padding=0, dilation
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x has {x.shape[1]} channels but weight expects in_channels = "
                          f"weight.size(1) * groups = {weight.shape[1] * groups}")
-    if _sparse(path, "conv2d", x, tuple(x.shape), weight, mask, (stride, padding, dilation, groups)):
+    if takes_sparse_path(path, "conv2d", x, tuple(x.shape), weight, mask, (stride, padding, dilation, groups)):
         return sparse.conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
     return masked_conv2d_dense(x, weight, bias, mask, stride, padding, dilation, groups)
 
@@ -78,9 +78,10 @@ def masked_conv2d_dense(x, weight, bias, mask, stride, padding, dilation, groups
     return reference.masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
 
 
-def _sparse(path, op, x, x_shape, weight, mask, geometry):
-    """Whether this call takes the compressed path; op, x_shape (a linear layer's as (rows,
-    in_features)) and geometry: the crossover's key."""
+def takes_sparse_path(path, op, x, x_shape, weight, mask, geometry) -> bool:
+    """Whether a masked layer's call takes the compressed path; op ("linear" or "conv2d"),
+    x_shape (a linear layer's as (rows, in_features)) and geometry: the crossover's key. The
+    bound engine asks it too, for its interval layers."""
     if path == "dense" or mask is None:
         return False
     if mask.requires_grad and torch.is_grad_enabled():
