@@ -26,17 +26,15 @@ Results go to --out as JSON (with the machine, threads and torch version) and pr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robprune_fast import bounds, models, objectives, ops, reference, train
-from robprune_fast.bench import timeit
+from robprune_fast import bounds, models, objectives, ops, train
+from robprune_fast.bench import machine, timeit
 from robprune_fast.demo import number
 
 
@@ -193,7 +191,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     results = {"batch": args.batch, "repeats": args.repeats, "eps": args.eps,
-               "device": str(device), "machine": platform.processor() or platform.machine(),
+               "device": str(device), "machine": machine(device),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "models": {}}

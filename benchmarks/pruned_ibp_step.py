@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 from pathlib import Path
 
 import torch
 
 from robprune_fast import bounds, models, objectives, pruning
 from robprune_fast import nn as rnn
-from robprune_fast.bench import timeit
+from robprune_fast.bench import machine, timeit
 
 
 def step_fn(model, objective, x, y):
@@ -77,7 +76,7 @@ def main(argv=None) -> dict:
     ms = {name: t * 1e3 for name, t in times.items()}
     result = {"model": args.model, "sparsity": args.sparsity, "batch": args.batch, "eps": args.eps,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine(), "ms": ms,
+              "machine": machine(), "ms": ms,
               "dense_over": {name: ms[baseline[name]] / t for name, t in ms.items()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 
 from robprune_fast import bounds, checkpoint, data, models
 from robprune_fast._atomic import atomic_write
-from robprune_fast.bench import timeit
+from robprune_fast.bench import machine, timeit
 
 
 def main(argv=None) -> dict:
@@ -64,7 +63,7 @@ def main(argv=None) -> dict:
     result = {"checkpoint": args.checkpoint, "model": args.model, "eps": args.eps,
               "points": len(test), "subset": "all" if args.n is None else f"stratified {args.n}",
               "repeats": args.repeats, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(),
+              "machine": machine(),
               "torch": torch.__version__, "methods": rows}
     atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     for m, r in rows.items():

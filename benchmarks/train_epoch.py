@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torchvision
 from torchvision import transforms
 
 from robprune_fast import data, models, objectives, train
+from robprune_fast.bench import machine
 
 
 def parse_args():
@@ -138,7 +138,7 @@ def main():
 
     result = {
         "benchmark": "PGD-10 adversarial training of cnn_small, CIFAR-10 (JPEG copy) train split",
-        "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+        "machine": machine(args.device),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 from robprune_fast import data, evaluate, models, objectives, train
 from robprune_fast._atomic import atomic_write
+from robprune_fast.bench import machine
 from robprune_fast.demo import number
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg.tar.gz"
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
                                 pgd_restarts=args.pgd_restarts, seed=args.seed,
                                 verify=("ibp", "crown-ibp"))
     results = {**run_info, "config": config.to_json(), "device": str(args.device),
-               "machine": platform.processor() or platform.machine(),
+               "machine": machine(args.device),
                "threads": torch.get_num_threads(),
                "train_seconds_this_process": t1 - t0, "eval_seconds": time.perf_counter() - t1,
                "history": history, "eval": metrics}

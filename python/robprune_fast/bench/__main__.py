@@ -1,0 +1,4 @@
+"""python -m robprune_fast.bench"""
+from . import main
+
+main()

@@ -1,0 +1,110 @@
+"""The sparse section: the compressed path of the masked layers against the dense layer, torch's
+CSR matmul and the dense fused interval op (see the package docstring)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops import crossover, sparse
+from ..ops.sparse_index import pack_mask
+from .timing import timeit
+
+
+SPARSITIES = (0.5, 0.9, 0.95, 0.99)
+
+
+def sparse_layers(batch, device):
+    """(name, op, x, weight, bias, conv options) of the compressed path's two benchmark layers."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    return [("linear 4096->512", "linear", rand(batch, 4096), rand(512, 4096) / 64, rand(512), {}),
+            ("conv 32->64 3x3 32x32", "conv2d", rand(batch, 32, 32, 32), rand(64, 32, 3, 3) / 17, rand(64),
+             dict(stride=1, padding=1))]
+
+
+def layer_variants(op, x, weight, bias, mask, options, backward):
+    """The masked layer three ways: dense (F.linear / F.conv2d on weight * mask), the compressed
+    path, and (linear) torch's CSR matmul on the kept values; each from fresh leaves, the weight
+    gathered per call as in training, backward into x, weight and bias."""
+    leaves = [t.detach().clone().requires_grad_(backward) for t in (x, weight, bias)]
+    index = pack_mask(mask)
+    crow, col = index.row_ptr.long(), index.col.long()
+
+    def run(fn):
+        def step():
+            with torch.set_grad_enabled(backward):
+                y = fn(*leaves)
+                if backward:
+                    y.backward(torch.ones_like(y))
+        return step
+
+    def torch_csr(x, w, b):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+            csr = torch.sparse_csr_tensor(crow, col, torch.take(w, index.flat_index), size=w.shape,
+                                          check_invariants=False)
+        return torch.sparse.mm(csr, x.t()).t() + b
+
+    if op == "linear":
+        fns = dict(dense=lambda x, w, b: F.linear(x, w * mask, b),
+                   sparse=lambda x, w, b: ops.masked_linear(x, w, b, mask, path="sparse"), torch_csr=torch_csr)
+    else:
+        fns = dict(dense=lambda x, w, b: F.conv2d(x, w * mask, b, **options),
+                   sparse=lambda x, w, b: ops.masked_conv2d(x, w, b, mask, **options, path="sparse"))
+    return {name: run(fn) for name, fn in fns.items()}
+
+
+def interval_variants(op, x, weight, bias, mask, options, eps=2 / 255):
+    """The interval forward (ReLU on the input box, bounds out) of the masked layer: the dense
+    fused op against the compressed path, inside ops.weight_cache() (weights fixed)."""
+    c, r = x, torch.full_like(x, eps)
+    if op == "linear":
+        call = lambda lib: lib.interval_linear(c, r, weight, bias, mask, relu_in=True, out_bounds=True)
+    else:
+        call = lambda lib: lib.interval_conv2d(c, r, weight, bias, mask, **options, relu_in=True, out_bounds=True)
+    return dict(dense_fused=lambda: call(ops), sparse=lambda: call(sparse))
+
+
+def bench_sparse(batch, device, repeats):
+    """Rows of the sparse section: per layer and sparsity, forward and forward + backward times
+    of every variant, the interval forward, and the path path="auto" takes."""
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for name, op, x, weight, bias, options in sparse_layers(batch, device):
+        geometry = tuple(ops.checks.conv_geometry(options["stride"], options["padding"], 1, 1)) if options else ()
+        threshold = crossover.crossover(op, tuple(x.shape), tuple(weight.shape), geometry, x.dtype, x.device)
+        for sparsity in SPARSITIES:
+            mask = (torch.rand(weight.shape, generator=g) >= sparsity).to(weight)
+            density = float(mask.mean())
+            row = dict(layer=name, sparsity=sparsity, density=density, crossover=threshold,
+                       auto="sparse" if density < threshold else "dense")
+            for mode in ("forward", "forward+backward"):
+                row[mode] = timeit(layer_variants(op, x, weight, bias, mask, options, mode == "forward+backward"),
+                                   device, repeats)
+            with ops.weight_cache(), torch.no_grad():
+                row["interval forward"] = timeit(interval_variants(op, x, weight, bias, mask, options), device, repeats)
+            rows.append(row)
+    return rows
+
+
+def format_sparse_table(result) -> str:
+    lines = [f"Compressed path: batch {result['batch']}, {result['threads']} threads; ms (median of "
+             f"{result['repeats']} interleaved repetitions)", "",
+             "| layer | sparsity | mode | dense | sparse | torch CSR | dense / sparse | CSR / sparse | auto |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in result["sparse"]:
+        for mode in ("forward", "forward+backward", "interval forward"):
+            t = row[mode]
+            dense, ours, csr = t.get("dense", t.get("dense_fused")), t["sparse"], t.get("torch_csr")
+            csr_ms, csr_ratio = ("", "") if csr is None else (f"{csr * 1e3:.2f}", f"{csr / ours:.2f}x")
+            auto = row["auto"] if mode != "interval forward" else ""
+            lines.append(f"| {row['layer']} | {100 * row['sparsity']:.0f}% | {mode} | {dense * 1e3:.2f} | "
+                         f"{ours * 1e3:.2f} | {csr_ms} | {dense / ours:.2f}x | {csr_ratio} | {auto} |")
+    crossovers = {row["layer"]: row["crossover"] for row in result["sparse"]}
+    lines += ["", "auto's measured crossover density (sparse below it): " +
+              ", ".join(f"{name} {value:.3f}" for name, value in crossovers.items()),
+              "interval forward: dense = the fused dense interval op (ops.interval_*), both inside weight_cache()."]
+    return "\n".join(lines)
