@@ -30,10 +30,12 @@ S rows of ``C @ logits``.  When the last layer is Linear, C is folded into it: I
 
 Floating point.  Bounds are computed in float32 (float64 when ``x`` is float64 or ``dtype`` says so)
 with autocast off and TF32 off, whatever the caller uses.  ``compute_bounds`` and
-``bound_details`` widen every bound by a worst-case rounding budget (``rounding``), so that it
-holds for the exact network and for the model's own floating-point forward: a certificate is
-sound in floating point, not only in exact arithmetic (``sound=False`` gives the
-exact-arithmetic bounds).  ``training_bounds`` computes exact-arithmetic bounds: a training
+``bound_details`` widen every bound by a worst-case bound on its rounding (``rounding``), so
+that it holds for the exact network and for the model's own floating-point forward: a
+certificate is sound in floating point, not only in exact arithmetic (``sound=False`` gives the
+exact-arithmetic bounds). IBP widens each box by its own rounding as it goes
+(``rounding.Widening``, a few element-wise passes); CROWN-IBP and CROWN carry a budget through
+their IBP stage and both sweeps (``rounding.Budget``).  ``training_bounds`` computes exact-arithmetic bounds: a training
 loss, never a certificate.  Non-finite intermediates give NaN or infinite bounds, which never
 certify.
 
@@ -48,9 +50,9 @@ autograd unless asked (``differentiable=True``), and then refuses a CROWN call w
 tensors would exceed the cap; ``training_bounds`` always records (saved tensors are the
 training's own), and the cap there bounds the working set only.
 
-The package, by job: ``floats`` (the floating-point context), ``rounding`` (the budget
-that makes bounds sound in floating point), ``layers`` (the ops the engine
-knows) and ``compile`` (from modules to ops, and what is accepted), ``ibp`` and ``crown`` (the
+The package, by job: ``floats`` (the floating-point context), ``rounding`` (the widening and
+the budget that make bounds sound in floating point), ``layers`` and ``affine`` (the ops the
+engine knows) and ``compile`` (from modules to ops, and what is accepted), ``ibp`` and ``crown`` (the
 two walks; ``crown_steps`` holds CROWN's backward steps), ``api`` (the entry points and their
 shared validation) and ``verify`` (verified accuracy).  It uses the interval operators of
 ``ops`` and knows nothing of training or pruning.

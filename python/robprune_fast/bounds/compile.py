@@ -22,8 +22,8 @@ from torch.nn.utils import prune
 
 from ..models import Normalize, PreActBlock
 from ..nn import MaskedConv2d, MaskedLinear
-from .layers import (AvgPool, BatchNorm, Conv, Flatten, Linear, MaxPool, Op, ReLU, Residual,
-                     Scale)
+from .affine import Conv, Linear
+from .layers import AvgPool, BatchNorm, Flatten, MaxPool, Op, ReLU, Residual, Scale
 
 # Known layers and the methods of theirs that decide what their forward computes. A subclass
 # may add anything else (extra_repr, init helpers) but must inherit these.

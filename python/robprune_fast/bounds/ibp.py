@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from .. import ops, reference
 from . import rounding
-from .layers import Linear, ReLU, Residual
+from .affine import Linear
+from .layers import ReLU, Residual
 
 # spec_bounds shares folded weights between inputs when there are at most 1/this as many
 # distinct specifications as inputs (the shared GEMM computes every distinct C's radii for

@@ -1,5 +1,6 @@
-"""Rounding: a budget that makes every bound sound in floating point, for the model's own
-floating-point forward as well as for the exact network.
+"""Rounding: what makes every bound sound in floating point, for the model's own floating-point
+forward as well as for the exact network. Two ways: IBP widens its boxes as it goes
+(``Widening``, at the end of this docstring); the CROWN methods carry a budget (``Budget``).
 
 Why. The engine computes in float32 (or float64). Each dot product it evaluates, and each one
 the model's own forward evaluates, is off by rounding: summing n terms in any order, with
@@ -9,7 +10,7 @@ Algorithms, ch. 3). With logits in the thousands those errors exceed any fixed t
 bound computed in exact-arithmetic style can certify a point that the model's float32 forward
 misclassifies.
 
-How. Alongside the IBP walk the engine carries T, per neuron of the layer reached, the sum over
+The budget (CROWN-IBP, CROWN). Alongside the IBP walk the engine carries T, per neuron of the layer reached, the sum over
 earlier layers of each layer's local rounding error propagated through the magnitudes of the
 layers after it:
 
@@ -40,8 +41,13 @@ engine's dtype with IEEE float32 / float64 arithmetic in any summation order: Py
 kernels, and CUDA with TF32 and reduced-precision reductions off. It does not cover a forward in
 bfloat16/float16 or TF32, nor convolution algorithms that transform the input (FFT, Winograd;
 cuDNN may pick them on the GPU), nor batch statistics of a batch norm in training mode (their
-rounding is not bounded; training never needs certificates). The budget is a worst-case bound:
-typical errors are far smaller, so it costs little tightness (BENCHMARKS.md measures it).
+rounding is not bounded; training never needs certificates). Both are worst-case bounds:
+typical errors are far smaller, so they cost little tightness (BENCHMARKS.md measures it).
+
+The widening (IBP). A box needs no separate budget: each op's rounding is added to its own
+output radius (``Widening``), which costs a few element-wise passes and no product, where the
+budget costs one more product per layer. CROWN needs the budget because its sweeps reuse the
+IBP stage's bounds and their rounding through |A|.
 """
 from __future__ import annotations
 
