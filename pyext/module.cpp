@@ -142,7 +142,8 @@ static void register_sparse_ops(torch::Library& m) {
   m.impl("masked_conv2d_backward", &robprune::masked_conv2d_backward);
 }
 
-// The compressed path has CPU kernels only for now.
+// The compressed path: CPU kernels (SIMD, or the generic ones under ROBPRUNE_SIMD=generic) and,
+// in a CUDA build, the generic kernels on the GPU (csrc/sparse/sparse_generic.h).
 static void register_compressed_ops(torch::Library& m) {
   m.impl("sparse_linear", &robprune::sparse_linear);
   m.impl("sparse_linear_t", &robprune::sparse_linear_t);
@@ -161,12 +162,10 @@ static void register_ops(torch::Library& m) {
   register_interval_ops(m);
   register_crown_ops(m);
   register_sparse_ops(m);
-}
-
-TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) {
-  register_ops(m);
   register_compressed_ops(m);
 }
+
+TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_ops(m); }
 
 #ifdef ROBPRUNE_WITH_CUDA
 TORCH_LIBRARY_IMPL(robprune_fast, CUDA, m) { register_ops(m); }

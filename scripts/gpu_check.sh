@@ -55,16 +55,20 @@ stage throw_check 300 $PY scripts/throw_check.py
 
 # The whole suite, workers in parallel; the CUDA variants of every op test run here.
 stage tests 240 env OMP_NUM_THREADS=1 $PY -m pytest -q -rfEs -p no:cacheprovider -n 12 tests
-stage bench 180 $PY -m robprune_fast.bench --device cuda --json "$OUT/bench_cuda.json"
+stage bench 180 $PY -m robprune_fast.bench --device cuda --sections ibp --json "$OUT/bench_cuda.json"
+# The compressed path's CUDA kernels against cuDNN / cuBLAS dense, and the crossover auto measures.
+stage bench_sparse 180 $PY -m robprune_fast.bench --device cuda --sections sparse --json "$OUT/bench_cuda_sparse.json"
 stage bench_b1024 180 $PY -m robprune_fast.bench --device cuda --batch 1024 --json "$OUT/bench_cuda_b1024.json"
 stage bounds_time 150 $PY benchmarks/bounds_time.py --device cuda --repeats 10 \
   --out "$OUT/bounds_time_cuda.json"
 # Out-of-bounds accesses and races the value checks cannot see (where the runtime supports it).
-stage sanitizer 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+# The compressed path's tests add ~115 float32 CUDA cases (linear, conv plane sizes, interval).
+stage sanitizer 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY -m pytest -q -x -p no:cacheprovider -k "cuda and float32" \
   tests/test_interval_linear.py tests/test_interval_conv2d.py tests/test_input_box.py \
   tests/test_relu_box_.py tests/test_crown_relu_backward.py tests/test_crown_linear_backward.py \
-  tests/test_crown_conv2d_backward.py tests/test_masked_weight_pair.py tests/test_degenerate_shapes.py
+  tests/test_crown_conv2d_backward.py tests/test_masked_weight_pair.py tests/test_degenerate_shapes.py \
+  tests/test_sparse_linear.py tests/test_sparse_conv2d.py tests/test_sparse_interval.py
 
 tail -n 40 "$LOG"
 exit $status

@@ -1,13 +1,15 @@
 """The compressed convolution ops (sparse_conv2d, its transpose sparse_conv2d_t, and
 sparse_conv2d_values_grad) called through torch.ops against their twins: values and gradients
 over geometries (stride, padding, dilation, groups, rectangular kernels), layouts (channels_last,
-non-contiguous, batch 1), empty and full masks; opcheck; float64 gradcheck."""
+non-contiguous, batch 1), empty and full masks; opcheck; float64 gradcheck; on every device (CUDA
+where there is one)."""
 import pytest
 import torch
 
 from robprune_fast import reference
 from robprune_fast.ops import sparse  # noqa: F401  (registers the fake kernels and autograd)
 from tests.helpers.masked import SPARSITIES, compare_op, compressed, random_mask
+from tests.helpers.ops import DEVICES
 
 OPS = torch.ops.robprune_fast
 
@@ -21,13 +23,14 @@ GEOMETRIES = [((3, 3), [1, 1], [1, 1], [1, 1], 1),
               ((5, 5), [3, 2], [2, 0], [1, 1], 1)]
 
 
-def problem(n, c_in, c_out, size, geometry, sparsity, dtype, seed=0):
+def problem(n, c_in, c_out, size, geometry, sparsity, dtype, device="cpu", seed=0):
+    """The same numbers on every device (drawn on the CPU), packed on the device."""
     kernel_size, *_, groups = geometry
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c_in, *size, generator=g, dtype=dtype)
-    w = torch.randn(c_out, c_in // groups, *kernel_size, generator=g, dtype=dtype)
-    b = torch.randn(c_out, generator=g, dtype=dtype)
-    index, values = compressed(w, random_mask(w.shape, sparsity, dtype, "cpu", g))
+    x = torch.randn(n, c_in, *size, generator=g, dtype=dtype).to(device)
+    w = torch.randn(c_out, c_in // groups, *kernel_size, generator=g, dtype=dtype).to(device)
+    b = torch.randn(c_out, generator=g, dtype=dtype).to(device)
+    index, values = compressed(w, random_mask(w.shape, sparsity, dtype, "cpu", g).to(device))
     return x, values, b, index
 
 
@@ -35,38 +38,42 @@ def output_like(x, values, b, index, geometry):
     return reference.sparse_conv2d(x, values, b, index.row_ptr, index.col, *geometry)
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-def test_conv_matches_twin(geometry, sparsity):
+def test_conv_matches_twin(geometry, sparsity, device):
     dtype = torch.float32
-    x, v, b, index = problem(3, 4, 6, (9, 8), geometry, sparsity, dtype)
+    x, v, b, index = problem(3, 4, 6, (9, 8), geometry, sparsity, dtype, device)
     compare_op(OPS.sparse_conv2d, reference.sparse_conv2d, (x, v, b, index.row_ptr, index.col, *geometry), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-def test_transpose_matches_twin(geometry, sparsity):
+def test_transpose_matches_twin(geometry, sparsity, device):
     dtype = torch.float32
-    x, v, b, index = problem(3, 4, 6, (9, 8), geometry, sparsity, dtype)
+    x, v, b, index = problem(3, 4, 6, (9, 8), geometry, sparsity, dtype, device)
     g = torch.randn_like(output_like(x, v, b, index, geometry))
     compare_op(OPS.sparse_conv2d_t, reference.sparse_conv2d_t, (g, v, *index.csc, [9, 8], *geometry), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-def test_values_grad_matches_twin(geometry):
+def test_values_grad_matches_twin(geometry, device):
     dtype = torch.float64
-    x, v, b, index = problem(3, 4, 6, (9, 8), geometry, 0.5, dtype)
+    x, v, b, index = problem(3, 4, 6, (9, 8), geometry, 0.5, dtype, device)
     g = torch.randn_like(output_like(x, v, b, index, geometry))
     compare_op(OPS.sparse_conv2d_values_grad, reference.sparse_conv2d_values_grad,
                (g, x, index.row_ptr, index.col, *geometry), dtype, grads=False)
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("size", [(32, 32), (4, 4), (1, 1), (17, 40)], ids=str)
-def test_plane_sizes(size, dtype):
+def test_plane_sizes(size, dtype, device):
     """Planes narrower and wider than a vector, and a single pixel, in both dtypes."""
     geometry = ((3, 3), [1, 1], [1, 1], [1, 1], 1)
-    x, v, b, index = problem(2, 5, 7, size, geometry, 0.6, dtype)
+    x, v, b, index = problem(2, 5, 7, size, geometry, 0.6, dtype, device)
     compare_op(OPS.sparse_conv2d, reference.sparse_conv2d, (x, v, b, index.row_ptr, index.col, *geometry), dtype)
     g = torch.randn_like(output_like(x, v, b, index, geometry))
     compare_op(OPS.sparse_conv2d_t, reference.sparse_conv2d_t, (g, v, *index.csc, list(size), *geometry), dtype)
@@ -74,11 +81,12 @@ def test_plane_sizes(size, dtype):
                (g, x, index.row_ptr, index.col, *geometry), dtype, grads=False)
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous", "batch1"])
-def test_layouts(layout):
+def test_layouts(layout, device):
     dtype = torch.float64
     geometry = ((3, 3), [2, 1], [1, 1], [1, 1], 1)
-    x, v, b, index = problem(1 if layout == "batch1" else 2, 3, 5, (7, 6), geometry, 0.5, dtype)
+    x, v, b, index = problem(1 if layout == "batch1" else 2, 3, 5, (7, 6), geometry, 0.5, dtype, device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     if layout == "non_contiguous":
@@ -94,21 +102,23 @@ def test_layouts(layout):
                (g, x, index.row_ptr, index.col, *geometry), dtype, grads=False)
 
 
-def test_non_finite_input_stays_where_it_belongs():
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_non_finite_input_stays_where_it_belongs(device):
     """An inf pixel that no kept weight of a tap reaches (the kernels read padded rows past the
     output's columns) must not turn that weight's gradient into NaN."""
     geometry = ((3, 3), [1, 1], [0, 0], [1, 1], 1)
-    x, v, b, index = problem(1, 1, 1, (6, 6), geometry, 0.0, torch.float64)
+    x, v, b, index = problem(1, 1, 1, (6, 6), geometry, 0.0, torch.float64, device)
     x[0, 0, 0, 5] = float("inf")  # read by tap (0, 2) only
-    g = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    g = torch.ones(1, 1, 4, 4, dtype=torch.float64, device=device)
     got = OPS.sparse_conv2d_values_grad(g, x, index.row_ptr, index.col, *geometry)
     want = reference.sparse_conv2d_values_grad(g, x, index.row_ptr, index.col, *geometry)
     torch.testing.assert_close(got, want)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(device):
     geometry = ((3, 3), [2, 1], [1, 1], [1, 1], 2)
-    x, v, b, index = problem(2, 4, 6, (6, 5), geometry, 0.5, torch.float32)
+    x, v, b, index = problem(2, 4, 6, (6, 5), geometry, 0.5, torch.float32, device)
     leaves = [t.requires_grad_(True) for t in (x, v, b)]
     torch.library.opcheck(OPS.sparse_conv2d, (*leaves, index.row_ptr, index.col, *geometry))
     g = torch.randn_like(output_like(x, v, b, index, geometry)).requires_grad_(True)
@@ -118,9 +128,10 @@ def test_opcheck():
     torch.library.opcheck(OPS.sparse_conv2d, (cl, v, b, index.row_ptr, index.col, *geometry))
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_gradcheck_float64(device):
     geometry = ((3, 3), [2, 1], [1, 1], [1, 1], 1)
-    x, v, b, index = problem(2, 2, 3, (5, 4), geometry, 0.5, torch.float64)
+    x, v, b, index = problem(2, 2, 3, (5, 4), geometry, 0.5, torch.float64, device)
     assert torch.autograd.gradcheck(
         lambda x, v, b: OPS.sparse_conv2d(x, v, b, index.row_ptr, index.col, *geometry),
         [t.requires_grad_(True) for t in (x, v, b)])

@@ -97,6 +97,16 @@ def test_measured_once_then_reused(measured, monkeypatch):
     ops.masked_linear(x, w, b, torch.ones_like(m))  # a full mask never needs a crossover
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_measured_on_a_gpu_per_model(measured):
+    """On a GPU the compressed path (CUDA kernels) is timed against cuDNN / cuBLAS, under a key of
+    that GPU's model."""
+    x, w, b, m = (t.cuda() for t in layer(0.95, n=16))
+    ops.masked_linear(x, w, b, m)
+    (key, value), = json.loads(measured.read_text()).items()
+    assert f"|cuda:{torch.cuda.get_device_name()}|" in key and 0 <= value <= 1
+
+
 def test_measure_conv(measured):
     x, w = torch.randn(4, 8, 12, 12), torch.randn(16, 8, 3, 3)
     geometry = ([1, 1], [1, 1], [1, 1], 1)

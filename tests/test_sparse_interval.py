@@ -1,7 +1,8 @@
 """The compressed interval ops (sparse_interval_linear / _conv2d): against the dense fused
 interval ops with the mask (ops.interval_linear / interval_conv2d), values and the gradients of
 centre, radius, weight and bias, for every relu_in / out_bounds; against their twins through
-torch.ops; sound by sampling; the radius check; opcheck; float64 gradcheck."""
+torch.ops; sound by sampling; the radius check; opcheck; float64 gradcheck; on every device (CUDA
+where there is one)."""
 import itertools
 
 import pytest
@@ -10,11 +11,13 @@ import torch.nn.functional as F
 
 from robprune_fast import ops, reference
 from robprune_fast.ops import sparse
-from tests.helpers.masked import SPARSITIES, TOL, compare_op, compressed, random_mask
+from tests.helpers.masked import SPARSITIES, TOL, compare_op, compressed, exact_twins, random_mask  # noqa: F401
+from tests.helpers.ops import DEVICES
 
 OPS = torch.ops.robprune_fast
 FLAGS = list(itertools.product([False, True], [False, True]))  # (relu_in, out_bounds)
 CONV = dict(stride=(2, 1), padding=1, dilation=1, groups=2)
+pytestmark = pytest.mark.usefixtures("exact_twins")  # the dense ops and layers the tests compare with
 
 
 def box(shape, dtype, g):
@@ -23,7 +26,8 @@ def box(shape, dtype, g):
     return center, radius
 
 
-def layer(kind, sparsity, dtype, seed=0, n=5):
+def layer(kind, sparsity, dtype, seed=0, n=5, device="cpu"):
+    """The same numbers on every device (drawn on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "linear":
         c, r = box((n, 37), dtype, g)
@@ -32,7 +36,7 @@ def layer(kind, sparsity, dtype, seed=0, n=5):
         c, r = box((n, 4, 9, 8), dtype, g)
         w = torch.randn(6, 2, 3, 3, generator=g, dtype=dtype)
     b = torch.randn(w.shape[0], generator=g, dtype=dtype)
-    return c, r, w, b, random_mask(w.shape, sparsity, dtype, "cpu", g)
+    return tuple(t.to(device) for t in (c, r, w, b, random_mask(w.shape, sparsity, dtype, "cpu", g)))
 
 
 def run(lib, kind, c, r, w, b, m, relu_in, out_bounds):
@@ -41,12 +45,13 @@ def run(lib, kind, c, r, w, b, m, relu_in, out_bounds):
     return lib.interval_conv2d(c, r, w, b, m, **CONV, relu_in=relu_in, out_bounds=out_bounds)
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("flags", FLAGS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_matches_dense_interval_op(kind, sparsity, flags, dtype):
-    c, r, w, b, m = layer(kind, sparsity, dtype)
+def test_matches_dense_interval_op(kind, sparsity, flags, dtype, device):
+    c, r, w, b, m = layer(kind, sparsity, dtype, device=device)
     leaves = lambda: [t.clone().requires_grad_(True) for t in (c, r, w, b)]
     a_in, b_in = leaves(), leaves()
     got = run(sparse, kind, *a_in, m, *flags)
@@ -61,15 +66,16 @@ def test_matches_dense_interval_op(kind, sparsity, flags, dtype):
     assert bool((a_in[2].grad[m == 0] == 0).all()), "a pruned weight received a gradient"
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("flags", FLAGS, ids=str)
-def test_ops_match_twins(flags):
+def test_ops_match_twins(flags, device):
     dtype = torch.float64
-    c, r, w, b, m = layer("linear", 0.5, dtype)
+    c, r, w, b, m = layer("linear", 0.5, dtype, device=device)
     index, v = compressed(w, m)
     compare_op(lambda *a: OPS.sparse_interval_linear(*a, *flags),
                lambda *a: reference.sparse_interval_linear(*a, *flags), (c, r, v, b, index.row_ptr, index.col, 21),
                dtype)
-    c, r, w, b, m = layer("conv2d", 0.5, dtype)
+    c, r, w, b, m = layer("conv2d", 0.5, dtype, device=device)
     index, v = compressed(w, m)
     geometry = ([3, 3], [2, 1], [1, 1], [1, 1], 2)
     compare_op(lambda *a: OPS.sparse_interval_conv2d(*a, *flags),
@@ -77,9 +83,10 @@ def test_ops_match_twins(flags):
                (c, r, v, b, index.row_ptr, index.col, *geometry), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "batch1"])
-def test_conv_layouts(layout):
-    c, r, w, b, m = layer("conv2d", 0.7, torch.float64, n=1 if layout == "batch1" else 3)
+def test_conv_layouts(layout, device):
+    c, r, w, b, m = layer("conv2d", 0.7, torch.float64, n=1 if layout == "batch1" else 3, device=device)
     if layout == "channels_last":
         c, r = (t.contiguous(memory_format=torch.channels_last) for t in (c, r))
     got = run(sparse, "conv2d", c, r, w, b, m, True, True)
@@ -89,10 +96,11 @@ def test_conv_layouts(layout):
         assert x.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_sound_by_sampling(kind):
+def test_sound_by_sampling(kind, device):
     """Points of the box (interior and corners) through the real masked layer land inside."""
-    c, r, w, b, m = layer(kind, 0.8, torch.float32, n=3)
+    c, r, w, b, m = layer(kind, 0.8, torch.float32, n=3, device=device)
     lower, upper = run(sparse, kind, c, r, w, b, m, True, True)
     slack = 1e-5 * (1 + torch.maximum(lower.abs(), upper.abs()).amax())
     for i in range(64):
@@ -102,15 +110,16 @@ def test_sound_by_sampling(kind):
         assert bool((y >= lower - slack).all()) and bool((y <= upper + slack).all()), f"sample {i} outside"
 
 
-def test_radius_check():
-    c, r, w, b, m = layer("linear", 0.5, torch.float32)
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_radius_check(device):
+    c, r, w, b, m = layer("linear", 0.5, torch.float32, device=device)
     index, v = compressed(w, m)
     bad = r.clone()
     bad[0, 0] = -1
     with pytest.raises(RuntimeError, match="radius must be >= 0"):
         OPS.sparse_interval_linear(c, bad, v, b, index.row_ptr, index.col, 21, False, False)
     OPS.sparse_interval_linear(c, bad, v, b, index.row_ptr, index.col, 21, False, False, check_radius=False)
-    c, r, w, b, m = layer("conv2d", 0.5, torch.float32)
+    c, r, w, b, m = layer("conv2d", 0.5, torch.float32, device=device)
     index, v = compressed(w, m)
     bad = r.clone()
     bad[0, 0, 0, 0] = float("nan")
@@ -125,14 +134,15 @@ def test_mask_is_required():
         sparse.interval_linear(c, r, w, b, None)
 
 
-def test_opcheck():
-    c, r, w, b, m = layer("linear", 0.5, torch.float32)
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_opcheck(device):
+    c, r, w, b, m = layer("linear", 0.5, torch.float32, device=device)
     index, v = compressed(w, m)
     leaves = [t.requires_grad_(True) for t in (c, r, b)]
     for flags in FLAGS:
         torch.library.opcheck(OPS.sparse_interval_linear, (*leaves[:2], v, leaves[2], index.row_ptr, index.col, 21,
                                                            *flags))
-    c, r, w, b, m = layer("conv2d", 0.5, torch.float32)
+    c, r, w, b, m = layer("conv2d", 0.5, torch.float32, device=device)
     index, v = compressed(w, m)
     leaves = [t.requires_grad_(True) for t in (c, r, b)]
     geometry = ([3, 3], [2, 1], [1, 1], [1, 1], 2)
@@ -140,22 +150,23 @@ def test_opcheck():
                                                        True, True), {"check_radius": False})
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_gradcheck_float64(device):
     g = torch.Generator().manual_seed(1)
-    c, r = box((2, 6), torch.float64, g)
+    c, r = (t.to(device) for t in box((2, 6), torch.float64, g))
     r = r + 0.1  # away from the kinks of the ReLU box
-    w = torch.randn(4, 6, dtype=torch.float64, generator=g)
-    index, v = compressed(w, random_mask(w.shape, 0.5, torch.float64, "cpu", g))
-    b = torch.randn(4, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 6, dtype=torch.float64, generator=g).to(device)
+    index, v = compressed(w, random_mask(w.shape, 0.5, torch.float64, "cpu", g).to(device))
+    b = torch.randn(4, dtype=torch.float64, generator=g).to(device)
     for flags in FLAGS:
         assert torch.autograd.gradcheck(
             lambda c, r, v, b: OPS.sparse_interval_linear(c, r, v, b, index.row_ptr, index.col, 4, *flags),
             [t.clone().requires_grad_(True) for t in (c, r, v, b)])
-    c, r = box((2, 2, 5, 4), torch.float64, g)
+    c, r = (t.to(device) for t in box((2, 2, 5, 4), torch.float64, g))
     r = r + 0.1
-    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=g)
-    index, v = compressed(w, random_mask(w.shape, 0.5, torch.float64, "cpu", g))
-    b = torch.randn(3, dtype=torch.float64, generator=g)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=g).to(device)
+    index, v = compressed(w, random_mask(w.shape, 0.5, torch.float64, "cpu", g).to(device))
+    b = torch.randn(3, dtype=torch.float64, generator=g).to(device)
     geometry = ([3, 3], [2, 1], [1, 1], [1, 1], 1)
     assert torch.autograd.gradcheck(
         lambda c, r, v, b: OPS.sparse_interval_conv2d(c, r, v, b, index.row_ptr, index.col, *geometry, True, True),

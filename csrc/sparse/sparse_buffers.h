@@ -13,6 +13,10 @@
 //   pages before its first touch (512 times fewer faults: ~4.5 ms instead of ~16 ms for 33 MB on
 //   the same VM). Advice only: where the kernel has THP off, nothing changes. torch offers the
 //   same for every allocation with THP_MEM_ALLOC_ENABLE=1.
+//
+// On a GPU neither applies: the caching allocator already recycles blocks without faults, in
+// stream order, where a thread's arena would pin device memory for good and hand one buffer to
+// ops queued on different streams. There both are plain allocations.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,8 +32,9 @@ namespace robprune {
 enum class Scratch : int { kInput, kInput1, kGradient, kGradient1, kOutput, kOutput1, kCount };
 
 // A 1-D buffer of at least numel elements of options' dtype and device, from the calling
-// thread's slot (reallocated when too small or of another dtype or device).
+// thread's slot on the CPU (reallocated when too small or of another dtype or device).
 inline at::Tensor scratch(Scratch slot, int64_t numel, const at::TensorOptions& options) {
+  if (options.device().type() != at::kCPU) return at::empty({numel}, options);
   thread_local std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)> slots;
   at::Tensor& buffer = slots[static_cast<size_t>(slot)];
   if (!buffer.defined() || buffer.numel() < numel || buffer.scalar_type() != options.dtype().toScalarType() ||
@@ -38,8 +43,8 @@ inline at::Tensor scratch(Scratch slot, int64_t numel, const at::TensorOptions& 
   return buffer.narrow(0, 0, numel);
 }
 
-// An empty tensor of `shape` in `format`; from 4 MiB on, advised to use huge pages (its 2 MiB
-// aligned interior, before anything touches it).
+// An empty tensor of `shape` in `format`; on the CPU from 4 MiB on, advised to use huge pages
+// (its 2 MiB aligned interior, before anything touches it).
 inline at::Tensor fresh(at::IntArrayRef shape, const at::TensorOptions& options,
                         at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
@@ -47,7 +52,7 @@ inline at::Tensor fresh(at::IntArrayRef shape, const at::TensorOptions& options,
   at::Tensor t = at::empty(shape, options.memory_format(format));
 #ifdef MADV_HUGEPAGE
   const size_t bytes = t.nbytes();
-  if (bytes >= kLarge) {
+  if (t.is_cpu() && bytes >= kLarge) {
     const uintptr_t at = reinterpret_cast<uintptr_t>(t.data_ptr());
     const uintptr_t begin = (at + kHuge - 1) & ~(kHuge - 1), end = (at + bytes) & ~(kHuge - 1);
     if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);

@@ -15,10 +15,15 @@
 // Portable builds (-O3, no -march) still get the machine's vectors: the loops are written once
 // with GCC vector types of the ISA's width and compiled three times, for AVX-512, AVX2 + FMA and
 // the x86-64 baseline (SSE2), through the target attribute; the first call picks the best the
-// CPU has (ROBPRUNE_SIMD=avx512|avx2|baseline overrides, for tests and comparisons).
+// CPU has (ROBPRUNE_SIMD=avx512|avx2|baseline overrides, for tests and comparisons, and
+// ROBPRUNE_SIMD=generic runs the generic kernels of sparse_generic.h instead, the CUDA ones'
+// logic). The kernels without a SIMD twin (the entry lists, the pointer check) are the generic
+// ones, instantiated here for the CPU.
 #include "sparse_kernels.h"
 
-#include "../interval/interval_math.h"
+#include "sparse_generic.h"
+
+#include <robprune/for_each_cpu.h>
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -418,22 +423,6 @@ ROBPRUNE_INLINE void dot_channels(const Dot<T>& p, int64_t begin, int64_t end) {
 
 // ---- Pack ---------------------------------------------------------------------------------------
 
-// One element pair through the pack's op; returns true for an invalid radius. The formulas are
-// the interval family's (interval_math.h), applied to one element; both inputs are read before
-// anything is written, so y may be x (the op applied in place).
-template <class T, PackOp OP>
-ROBPRUNE_INLINE bool pack_pair(const T* x0, const T* x1, T* y0, T* y1) {
-  const T a = *x0, b = x1 ? *x1 : T(0);
-  if constexpr (OP == PackOp::kReluBox) return interval::Prologue<T, true>{&a, &b, y0, y1}(0);
-  if constexpr (OP == PackOp::kBoundsGrad) {
-    interval::ToBoundsBackward<T>{&a, &b, y0, y1}(0);
-    return false;
-  }
-  *y0 = a;
-  if (y1) *y1 = b;
-  return OP == PackOp::kCheckBox && !(b >= T(0));
-}
-
 int64_t floor_div(int64_t a, int64_t b) {
   return a / b - (a % b != 0 && (a < 0) != (b < 0));
 }
@@ -612,7 +601,7 @@ ROBPRUNE_ISA(Avx2, __attribute__((target("avx2,fma"))), 32, 12)
 ROBPRUNE_ISA(Baseline, , 16, 12)
 #undef ROBPRUNE_ISA
 
-enum class Isa { kBaseline, kAvx2, kAvx512 };
+enum class Isa { kGeneric, kBaseline, kAvx2, kAvx512 };
 
 Isa detect_isa() {
   __builtin_cpu_init();
@@ -623,18 +612,31 @@ Isa detect_isa() {
   const char* env = std::getenv("ROBPRUNE_SIMD");
   if (env == nullptr || *env == '\0') return best;
   const std::string want(env);
-  const Isa asked = want == "avx512" ? Isa::kAvx512 : want == "avx2" ? Isa::kAvx2 : Isa::kBaseline;
-  TORCH_CHECK(want == "avx512" || want == "avx2" || want == "baseline",
-              "ROBPRUNE_SIMD must be avx512, avx2 or baseline, got '", want, "'");
+  const Isa asked = want == "avx512"    ? Isa::kAvx512
+                    : want == "avx2"    ? Isa::kAvx2
+                    : want == "generic" ? Isa::kGeneric
+                                        : Isa::kBaseline;
+  TORCH_CHECK(want == "avx512" || want == "avx2" || want == "baseline" || want == "generic",
+              "ROBPRUNE_SIMD must be avx512, avx2, baseline or generic, got '", want, "'");
   TORCH_CHECK(asked <= best, "ROBPRUNE_SIMD=", want, " but this CPU lacks its instructions");
   return asked;
 }
 
-// Runs f(Isa tag) with the instruction set picked once per process.
+// The instruction set, picked once per process.
+Isa isa() {
+  static const Isa picked = detect_isa();
+  return picked;
+}
+
+bool generic() {
+  return isa() == Isa::kGeneric;
+}
+
+// Runs f(Isa tag) with the SIMD instruction set (never generic: callers take the generic
+// kernels first).
 template <class F>
 void with_isa(F&& f) {
-  static const Isa isa = detect_isa();
-  switch (isa) {
+  switch (isa()) {
     case Isa::kAvx512: return f(Avx512{});
     case Isa::kAvx2: return f(Avx2{});
     default: return f(Baseline{});
@@ -749,9 +751,12 @@ bool run_pack(const Pack<T>& p) {
 
 }  // namespace
 
+using Generic = GenericSparseKernels<CpuBackend>;
+
 template <>
 template <class T>
 void SparseKernels<CpuBackend>::product(const Product<T>& p) {
+  if (generic()) return Generic::product(p);
   if (p.images * p.channels * p.rows * p.cols == 0) {  // every sum is empty
     if (p.dw)
       for (int32_t e = 0; e < p.start[p.channels]; ++e) p.dw[p.perm[e]] = T(0);
@@ -767,6 +772,7 @@ void SparseKernels<CpuBackend>::product(const Product<T>& p) {
 template <>
 template <class T>
 void SparseKernels<CpuBackend>::dot(const Dot<T>& p) {
+  if (generic()) return Generic::dot(p);
   if (p.channels == 0) return;
   with_isa([&](auto isa) {
     using I = decltype(isa);
@@ -778,6 +784,7 @@ void SparseKernels<CpuBackend>::dot(const Dot<T>& p) {
 template <>
 template <class T>
 bool SparseKernels<CpuBackend>::pack(const Pack<T>& p) {
+  if (generic()) return Generic::pack(p);
   bool bad = false;
   with_isa([&](auto isa) {
     using I = decltype(isa);
@@ -797,11 +804,12 @@ constexpr int64_t kCheckGrain = 1 << 20;
 
 template <>
 bool SparseKernels<CpuBackend>::sorted_segments(const int32_t* ptr, int64_t segments, const int32_t* inner,
-                                                 int64_t limit) {
+                                                 int64_t entries, int64_t limit) {
+  if (generic()) return Generic::sorted_segments(ptr, segments, inner, entries, limit);
   std::atomic<bool> ok{true};
   with_isa([&](auto isa) {
     using I = decltype(isa);
-    at::parallel_for(0, segments, std::max<int64_t>(1, segments * kCheckGrain / std::max<int64_t>(ptr[segments], 1)),
+    at::parallel_for(0, segments, std::max<int64_t>(1, segments * kCheckGrain / std::max<int64_t>(entries, 1)),
                      [&](int64_t b, int64_t e) {
                        if (!I::sorted(ptr, b, e, inner, limit)) ok.store(false, std::memory_order_relaxed);
                      });
@@ -811,6 +819,7 @@ bool SparseKernels<CpuBackend>::sorted_segments(const int32_t* ptr, int64_t segm
 
 template <>
 bool SparseKernels<CpuBackend>::in_range(const int32_t* index, int64_t n, int64_t limit) {
+  if (generic()) return Generic::in_range(index, n, limit);
   std::atomic<bool> ok{true};
   with_isa([&](auto isa) {
     using I = decltype(isa);
@@ -827,5 +836,13 @@ template void SparseKernels<CpuBackend>::dot<float>(const Dot<float>&);
 template void SparseKernels<CpuBackend>::dot<double>(const Dot<double>&);
 template bool SparseKernels<CpuBackend>::pack<float>(const Pack<float>&);
 template bool SparseKernels<CpuBackend>::pack<double>(const Pack<double>&);
+// The generic kernels the CPU has no SIMD twin of.
+template bool SparseKernels<CpuBackend>::pointers_valid(const int32_t*, int64_t, int64_t);
+template void SparseKernels<CpuBackend>::forward_offsets(const ConvIndex&, int64_t*);
+template void SparseKernels<CpuBackend>::transposed_counts(const ConvIndex&, int32_t*);
+template void SparseKernels<CpuBackend>::transposed_entries<float>(const ConvIndex&, const float*, const int32_t*,
+                                                                   int64_t, float*, int64_t*);
+template void SparseKernels<CpuBackend>::transposed_entries<double>(const ConvIndex&, const double*, const int32_t*,
+                                                                    int64_t, double*, int64_t*);
 
 }  // namespace robprune

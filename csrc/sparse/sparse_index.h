@@ -9,20 +9,18 @@
 // values' device. The checks below read only what the kernels would otherwise trust: every
 // index is in range, so no call can read or write outside its tensors (a CSC that is not the
 // CSR's transpose gives wrong numbers, never a crash). The passes over the indices are kernels
-// (sparse_kernels.h), so they vectorise like the rest; CPU tensors only, as the ops.
+// (sparse_kernels.h) of the indices' device, so they vectorise like the rest on the CPU and
+// never copy an index to the host from a GPU (each check costs one sync there, for its verdict).
 #pragma once
 
 #include "sparse_kernels.h"
 
 #include <robprune/checks.h>
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -58,25 +56,26 @@ inline void check_values(const at::Tensor& values, const at::Tensor& ref, const 
 
 // ptr [segments + 1] must start at 0, never decrease and end at nnz.
 inline void check_pointers(const at::Tensor& ptr, const char* name, int64_t nnz) {
-  const int32_t* p = ptr.const_data_ptr<int32_t>();
-  const int64_t n = ptr.numel() - 1;
-  bool ok = p[0] == 0 && p[n] == nnz;
-  for (int64_t i = 0; i < n && ok; ++i) ok = p[i] <= p[i + 1];
+  const bool ok = with_kernels(ptr, [&](auto k) {
+    return decltype(k)::pointers_valid(ptr.const_data_ptr<int32_t>(), ptr.numel() - 1, nnz);
+  });
   TORCH_CHECK(ok, name, " must start at 0, never decrease and end at the number of kept weights (", nnz, ")");
 }
 
 // Refuses the call with `message` unless every entry of t (int32) lies in [0, limit).
 inline void check_range(const at::Tensor& t, int64_t limit, const std::string& message) {
-  TORCH_CHECK(SparseKernels<CpuBackend>::in_range(t.const_data_ptr<int32_t>(), t.numel(), limit), message);
+  const bool ok = with_kernels(t, [&](auto k) { return decltype(k)::in_range(t.const_data_ptr<int32_t>(), t.numel(), limit); });
+  TORCH_CHECK(ok, message);
 }
 
-// Every segment of ptr (a CSR's rows, a CSC's columns) must hold strictly increasing inner
-// indices in [0, limit): the order pack_mask makes, and in range. One pass: the first and last
-// of a sorted segment bound the others.
+// Every segment of ptr (a CSR's rows, a CSC's columns; its pointers checked) must hold strictly
+// increasing inner indices in [0, limit): the order pack_mask makes, and in range.
 inline void check_segments(const at::Tensor& ptr, const at::Tensor& inner, int64_t limit, const std::string& message) {
-  TORCH_CHECK(SparseKernels<CpuBackend>::sorted_segments(ptr.const_data_ptr<int32_t>(), ptr.numel() - 1,
-                                                         inner.const_data_ptr<int32_t>(), limit),
-              message);
+  const bool ok = with_kernels(ptr, [&](auto k) {
+    return decltype(k)::sorted_segments(ptr.const_data_ptr<int32_t>(), ptr.numel() - 1,
+                                        inner.const_data_ptr<int32_t>(), inner.numel(), limit);
+  });
+  TORCH_CHECK(ok, message);
 }
 
 // The CSR of nnz kept weights in `rows` rows (rows_name: what they are, for messages) and
@@ -116,24 +115,10 @@ inline Csc check_csc(const at::Tensor& col_ptr, const at::Tensor& row, const at:
   return csc;
 }
 
-// Entries a pass over the indices takes per parallel task: fewer run on the calling thread, as a
-// parallel region may wait longer for a busy core than such a pass takes.
-constexpr int64_t kSerialEntries = 1 << 18;
-
 // The values in the CSC's order: w[e] = values[csc_to_csr[e]] (one pass of random reads, where
 // a kernel would repeat them for every block of the batch).
 inline at::Tensor csc_values(const Csc& csc, const at::Tensor& values) {
-  const at::Tensor v = values.contiguous();
-  at::Tensor w = at::empty_like(v);
-  const int32_t* k = csc.csc_to_csr.const_data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "robprune_csc_values", [&] {
-    const scalar_t* src = v.const_data_ptr<scalar_t>();
-    scalar_t* dst = w.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, v.numel(), kSerialEntries, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) dst[e] = src[k[e]];
-    });
-  });
-  return w;
+  return values.index_select(0, csc.csc_to_csr);
 }
 
 // The entries a kernel walks per output channel: where each channel's entries start, their
@@ -143,23 +128,5 @@ struct Entries {
   at::Tensor w;      // [entries], the values' dtype
   at::Tensor off;    // int64 [entries]
 };
-
-// The CSR's rows as channels: entry e reads offset f(row of e, col[e]); its weight is
-// values[e] (values may be undefined where the kernel needs no weights). like: the options of
-// the offsets' device.
-template <class F>
-Entries csr_entries(const Csr& csr, const at::Tensor& values, const at::Tensor& like, const F& f) {
-  const int32_t* ptr = csr.row_ptr.const_data_ptr<int32_t>();
-  const int32_t* col = csr.col.const_data_ptr<int32_t>();
-  const int64_t rows = csr.row_ptr.numel() - 1;
-  at::Tensor off = at::empty({csr.col.numel()}, like.options().dtype(at::kLong));
-  int64_t* o = off.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, rows * kSerialEntries / std::max<int64_t>(csr.col.numel(), 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r)
-                       for (int32_t e = ptr[r]; e < ptr[r + 1]; ++e) o[e] = f(r, col[e]);
-                   });
-  return {csr.row_ptr, values.defined() ? values.contiguous() : values, off};
-}
 
 }  // namespace robprune

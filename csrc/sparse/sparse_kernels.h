@@ -1,7 +1,8 @@
 // The compressed path's kernels: products with a weight kept as a list of (value, input offset)
 // entries per output channel, so that one loop serves a linear layer, a convolution and their
 // transposes. The ops (sparse_ops.cpp) turn the compressed weight (CSR rows, CSC columns) and
-// the layer's geometry into these problems; the kernels know nothing of layers.
+// the layer's geometry into these problems; the products know nothing of layers (only the
+// kernels that build a convolution's entry lists do).
 //
 // Every operand is a stack of planes: plane (n, o) of a buffer starts at n * image + o * channel
 // and holds `rows` rows of `cols` contiguous elements, `row` apart. A linear layer is the case of
@@ -10,11 +11,21 @@
 // sample (stride-s convolutions split each into s x s phase images, see sparse_planes.h), in
 // which every kept weight reads its input plane shifted by a fixed offset.
 //
-// Declared for any backend, defined for the CPU in sparse_cpu.cpp (SIMD over a plane's rows,
-// threads over images, channels and row blocks); the ops run on the CPU only for now.
+// Declared for any backend. sparse_generic.h writes every kernel once, as C10_HOST_DEVICE
+// functors over a Backend's loops (one thread per output element), instantiated for CUDA in
+// sparse_cuda.cu and for the CPU in sparse_cpu.cpp. On the CPU, SIMD kernels (sparse_cpu.cpp:
+// vectors over a plane's rows, threads over images, channels and row blocks) replace the generic
+// product, dot, pack and index checks, unless ROBPRUNE_SIMD=generic asks for the generic ones
+// (which is how the CUDA kernels' logic is tested on a machine without a GPU). The ops run on
+// CPU and CUDA tensors alike, each with its device's kernels (with_kernels below).
 #pragma once
 
+#include "sparse_geometry.h"
+
 #include <robprune/backend.h>
+
+#include <ATen/DeviceGuard.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
@@ -27,12 +38,14 @@ namespace robprune {
 // out_bounds stores (out - out1, out + out1) instead (a box's lower and upper bound).
 //
 // overread: `in` is a buffer of the ops' own with room past every plane (see slack() in
-// sparse_planes.h), so the kernel may read whole vectors and rows past the region and throw
-// the extra lanes away; without it, the kernel reads exactly the region (slower tails).
+// sparse_planes.h), so the CPU kernels may read whole vectors and rows past the region and throw
+// the extra lanes away; without it, they read exactly the region (slower tails). The generic
+// kernels read exactly the region either way.
 template <class T>
 struct Product {
   int64_t images = 1, channels = 0, rows = 1, cols = 0;
   const int32_t* start = nullptr;  // [channels + 1]: channel o's entries are [start[o], start[o+1])
+  int64_t entries = 0;             // start[channels], which a device's kernels cannot read on the host
   const T* w = nullptr;            // [entries]
   const int64_t* off = nullptr;    // [entries]
   const T* in = nullptr;
@@ -69,6 +82,7 @@ template <class T>
 struct Dot {
   int64_t images = 1, channels = 0, rows = 1, cols = 0;
   const int32_t* start = nullptr;
+  int64_t entries = 0;  // start[channels]
   const T* w = nullptr;  // read for its sign with interval only
   const int64_t* off = nullptr;
   const T* g = nullptr;
@@ -110,6 +124,17 @@ struct Pack {
   PackOp op = PackOp::kCopy;
 };
 
+// A convolution's compressed weight, from which the ops build the entry lists of its products
+// (sparse_ops.cpp) on the index's device: the CSR (ptr = row_ptr, inner = col) for the forward
+// product, the CSC (ptr = col_ptr, inner = row, perm = csc_to_csr) for the transposed one.
+struct ConvIndex {
+  ConvLayout layout;
+  const int32_t* ptr = nullptr;
+  const int32_t* inner = nullptr;
+  const int32_t* perm = nullptr;
+  int64_t segments = 0, entries = 0;
+};
+
 template <class Backend>
 struct SparseKernels {
   template <class T>
@@ -118,14 +143,29 @@ struct SparseKernels {
   static void dot(const Dot<T>& p);
   template <class T>
   static bool pack(const Pack<T>& p);
-  // The index checks (sparse_index.h), on data of the backend's device: whether every one of
-  // the `segments` segments of ptr holds strictly increasing inner indices in [0, limit); whether
-  // all n indices lie in [0, limit).
-  static bool sorted_segments(const int32_t* ptr, int64_t segments, const int32_t* inner, int64_t limit);
+  // The index checks (sparse_index.h), on data of the backend's device: whether ptr
+  // [segments + 1] starts at 0, never decreases and ends at `entries`; whether every one of the
+  // `segments` segments of such a ptr holds strictly increasing inner indices in [0, limit);
+  // whether all n indices lie in [0, limit).
+  static bool pointers_valid(const int32_t* ptr, int64_t segments, int64_t entries);
+  static bool sorted_segments(const int32_t* ptr, int64_t segments, const int32_t* inner, int64_t entries,
+                              int64_t limit);
   static bool in_range(const int32_t* index, int64_t n, int64_t limit);
+  // A convolution's entry lists. forward_offsets: off[e], where CSR entry e reads its input
+  // planes. The transposed product's channels are the input's phase planes (c, a, b), c slowest,
+  // each holding the kept weights of its phases: transposed_counts stores channel ch's count at
+  // counts[ch]; given their running sums (start [channels + 1]), transposed_entries stores each
+  // channel's weights (values: in the CSR's order) and gradient-plane offsets (plus base) from
+  // start[ch] on, in the CSC's order.
+  static void forward_offsets(const ConvIndex& index, int64_t* off);
+  static void transposed_counts(const ConvIndex& index, int32_t* counts);
+  template <class T>
+  static void transposed_entries(const ConvIndex& index, const T* values, const int32_t* start, int64_t base,
+                                 T* w, int64_t* off);
 };
 
-// The CPU's, explicit specialisations defined in sparse_cpu.cpp for float and double.
+// The CPU's SIMD kernels, explicit specialisations defined in sparse_cpu.cpp for float and
+// double; the other kernels are the generic ones on the CPU too.
 template <>
 template <class T>
 void SparseKernels<CpuBackend>::product(const Product<T>& p);
@@ -137,8 +177,16 @@ template <class T>
 bool SparseKernels<CpuBackend>::pack(const Pack<T>& p);
 template <>
 bool SparseKernels<CpuBackend>::sorted_segments(const int32_t* ptr, int64_t segments, const int32_t* inner,
-                                                 int64_t limit);
+                                                 int64_t entries, int64_t limit);
 template <>
 bool SparseKernels<CpuBackend>::in_range(const int32_t* index, int64_t n, int64_t limit);
+
+// Runs f(SparseKernels<Backend>{}) with the kernels of t's device, that device current (the
+// CUDA kernels run on the current device's stream, which must be the data's).
+template <class F>
+decltype(auto) with_kernels(const at::Tensor& t, F&& f) {
+  const c10::OptionalDeviceGuard guard(at::device_of(t));
+  return with_backend(t, [&](auto tag) -> decltype(auto) { return f(SparseKernels<typename decltype(tag)::type>{}); });
+}
 
 }  // namespace robprune

@@ -2,8 +2,9 @@
 // masked_linear / masked_conv2d (both devices) is a layer of one product (contractions.h) on the
 // effective weight, its weight and mask gradients made in one pass by the interval family's
 // masked_weight_grad; linear and conv2d share it, templated on the contraction. The compressed
-// path (CPU) lays its operands out as planes (sparse_planes.h), turns the kept weights into entry
-// lists (sparse_index.h) and runs the products of sparse_kernels.h over them.
+// path (both devices) lays its operands out as planes (sparse_planes.h), turns the kept weights
+// into entry lists (sparse_index.h) and runs the products of sparse_kernels.h over them, with the
+// kernels of the operands' device (with_kernels); everything around them is ATen ops.
 #include "sparse_ops.h"
 
 #include "../interval/interval_kernels.h"
@@ -13,8 +14,7 @@
 #include "sparse_planes.h"
 #include "sparse_buffers.h"
 
-#include <robprune/for_each_cpu.h>
-
+#include <robprune/backend.h>
 #include <robprune/checks.h>
 #include <robprune/contractions.h>
 #include <robprune/layer_args.h>
@@ -22,6 +22,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/accumulate.h>
 
 #include <vector>
@@ -143,10 +144,6 @@ T* mutable_data(const at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cpu(), "the compressed path runs on the CPU only for now; ", name, " is on ", t.device());
-}
-
 void check_bias(const c10::optional<at::Tensor>& bias, int64_t out, const at::Tensor& ref, const char* ref_name) {
   if (!bias) return;
   check_like(*bias, "bias", ref, ref_name);
@@ -157,7 +154,6 @@ void check_box(const at::Tensor& center, const at::Tensor& radius) {
   check_float(center, "center");
   check_like(radius, "radius", center, "center");
   check_same_shape(radius, "radius", center, "center");
-  check_cpu(center, "center");
 }
 
 // The gradients of an op's two outputs, each shaped like `shape`.
@@ -167,6 +163,17 @@ void check_grads(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::T
   check_like(grad_b, "grad_b", ref, "center");
   TORCH_CHECK(grad_a.sizes() == shape && grad_b.sizes() == shape, "grad_a and grad_b must have the shape of ", op,
               "'s outputs ", shape, ", got ", grad_a.sizes(), " and ", grad_b.sizes());
+}
+
+// The gradient of the input box's ReLU (relu_in), given that of its output: (g_c, g_r) laid out
+// like the box. Run on the box's device, as with_kernels does.
+std::tuple<at::Tensor, at::Tensor> relu_backward(const at::Tensor& g_c, const at::Tensor& g_r, const at::Tensor& center,
+                                                 const at::Tensor& radius) {
+  const c10::OptionalDeviceGuard guard(at::device_of(center));
+  return with_backend(center, [&](auto tag) {
+    return IntervalKernels<typename decltype(tag)::type>::prologue_backward(g_c, g_r, center.contiguous(),
+                                                                           radius.contiguous());
+  });
 }
 
 PackOp box_op(bool relu_in, bool check_radius) {
@@ -183,6 +190,7 @@ void batch_product(const at::Tensor& ptr, const at::Tensor& index, int64_t in_ro
   p.channels = ptr.numel() - 1;
   p.cols = n;
   p.start = ptr.const_data_ptr<int32_t>();
+  p.entries = index.numel();
   p.w = w.const_data_ptr<T>();
   p.indexed = true;
   p.index = index.const_data_ptr<int32_t>();
@@ -197,7 +205,7 @@ void batch_product(const at::Tensor& ptr, const at::Tensor& index, int64_t in_ro
   p.interval = in.rows.b.defined();
   p.out_bounds = out_bounds;
   p.overread = true;
-  CpuSparseKernels::product(p);
+  with_kernels(ptr, [&](auto k) { decltype(k)::product(p); });
 }
 
 // A Dot over batch-contiguous rows: dw (in the values' order) from the output gradient g (out
@@ -211,6 +219,7 @@ void batch_dot(const Csc& csc, const Batch& g, const Batch& x, int64_t n, const 
   p.channels = csc.col_ptr.numel() - 1;
   p.cols = n;
   p.start = csc.col_ptr.const_data_ptr<int32_t>();
+  p.entries = csc.row.numel();
   p.w = data<T>(values);
   p.indexed = true;
   p.index = csc.row.const_data_ptr<int32_t>();
@@ -223,7 +232,7 @@ void batch_dot(const Csc& csc, const Batch& g, const Batch& x, int64_t n, const 
   p.in1 = data<T>(g.rows.b);
   p.dw = dw;
   p.interval = g.rows.b.defined();
-  CpuSparseKernels::dot(p);
+  with_kernels(csc.col_ptr, [&](auto k) { decltype(k)::dot(p); });
 }
 
 }  // namespace
@@ -235,7 +244,6 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const c1
   check_values(values, x, "x");
   TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
   check_bias(bias, out_features, x, "x");
-  check_cpu(x, "x");
   const Csr csr = check_csr(row_ptr, col, values.numel(), out_features, x.size(1), "out_features",
                             "in_features = x.size(1)", x, "x");
   const Batch in = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput);
@@ -254,7 +262,6 @@ at::Tensor sparse_linear_t(const at::Tensor& g, const at::Tensor& values, const 
   check_dim(g, "g", 2, "(N, out_features)");
   check_values(values, g, "g");
   TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
-  check_cpu(g, "g");
   const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), g.size(1), in_features,
                             "out_features = g.size(1)", "in_features", g, "g");
   const Batch in = batch_rows(g, at::Tensor(), PackOp::kCopy, Scratch::kGradient);
@@ -274,7 +281,6 @@ at::Tensor sparse_linear_values_grad(const at::Tensor& g, const at::Tensor& x, c
   check_like(x, "x", g, "g");
   check_dim(x, "x", 2, "(N, in_features)");
   TORCH_CHECK(x.size(0) == g.size(0), "x must have g's batch size ", g.size(0), ", got ", x.size(0));
-  check_cpu(g, "g");
   TORCH_CHECK(row.dim() == 1, "row must be 1-D (one row per kept weight), got shape ", row.sizes());
   const int64_t nnz = row.size(0);
   const Csc csc = check_csc(col_ptr, row, csc_to_csr, nnz, g.size(1), x.size(1), "out_features = g.size(1)",
@@ -298,7 +304,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad
   check_dim(x, "x", 2, "(N, in_features)");
   TORCH_CHECK(x.size(0) == grad.size(0), "x must have grad's batch size ", grad.size(0), ", got ", x.size(0));
   check_values(values, grad, "grad");
-  check_cpu(grad, "grad");
   const int64_t n = grad.size(0), in_features = x.size(1), out_features = grad.size(1);
   const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), out_features, in_features,
                             "out_features = grad.size(1)", "in_features = x.size(1)", grad, "grad");
@@ -311,6 +316,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad
     p.channels = in_features;
     p.cols = n;
     p.start = csc.col_ptr.const_data_ptr<int32_t>();
+    p.entries = csc.row.numel();
     p.w = w.const_data_ptr<scalar_t>();
     p.indexed = true;
     p.index = csc.row.const_data_ptr<int32_t>();
@@ -324,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad
     p.self_row = xb.ld;
     p.dw = mutable_data<scalar_t>(g_v);
     p.perm = csc.csc_to_csr.const_data_ptr<int32_t>();
-    CpuSparseKernels::product(p);
+    with_kernels(grad, [&](auto k) { decltype(k)::product(p); });
   });
   return {need[0] ? g_x : at::empty({0}, x.options()), need[1] ? g_v : at::empty({0}, x.options())};
 }
@@ -379,9 +385,7 @@ Grads4 sparse_interval_linear_backward(const at::Tensor& grad_a, const at::Tenso
       batch_product<scalar_t>(csc.col_ptr, csc.row, out_features, csc_values(csc, v), g, n, mutable_data<scalar_t>(g_c),
                               mutable_data<scalar_t>(g_r), nullptr, false);
     });
-    if (relu_in)
-      std::tie(g_c, g_r) = IntervalKernels<CpuBackend>::prologue_backward(g_c, g_r, center.contiguous(),
-                                                                           radius.contiguous());
+    if (relu_in) std::tie(g_c, g_r) = relu_backward(g_c, g_r, center, radius);
   }
   if (need[2]) {
     const Batch x = batch_rows(center, radius, relu_in ? PackOp::kReluBox : PackOp::kCopy, Scratch::kInput);
@@ -425,61 +429,49 @@ std::vector<int64_t> output_shape(const ConvLayout& l) {
   return {l.images, l.out_channels, l.h.out(), l.w.out()};
 }
 
-Entries forward_entries(const Csr& csr, const at::Tensor& values, const at::Tensor& like, const ConvLayout& l) {
-  return csr_entries(csr, values, like, [&l](int64_t o, int32_t c) { return l.forward_offset(o, c); });
+// The convolution's compressed weight for the entry kernels (sparse_kernels.h).
+ConvIndex conv_index(const ConvLayout& l, const at::Tensor& ptr, const at::Tensor& inner, const at::Tensor& perm) {
+  ConvIndex index;
+  index.layout = l;
+  index.ptr = ptr.const_data_ptr<int32_t>();
+  index.inner = inner.const_data_ptr<int32_t>();
+  index.perm = perm.defined() ? perm.const_data_ptr<int32_t>() : nullptr;
+  index.segments = ptr.numel() - 1;
+  index.entries = inner.numel();
+  return index;
+}
+
+// The forward product's entries: the CSR's rows as channels, entry e reading its input planes
+// at the kept weight's offset, with weight values[e] (values may be undefined where the kernel
+// needs no weights).
+Entries forward_entries(const Csr& csr, const at::Tensor& values, const ConvLayout& l) {
+  at::Tensor off = at::empty({csr.col.numel()}, csr.col.options().dtype(at::kLong));
+  with_kernels(off, [&](auto k) {
+    decltype(k)::forward_offsets(conv_index(l, csr.row_ptr, csr.col, at::Tensor()), off.mutable_data_ptr<int64_t>());
+  });
+  return {csr.row_ptr, values.defined() ? values.contiguous() : values, off};
 }
 
 // The transposed convolution's entries. Channel (c, a, b) is the input's phase plane (a, b) of
 // channel c (plain channel c for stride 1); its entries are the kept weights (o, c, i, j) of
 // the taps with phase(i) = a, phase(j) = b, o in c's group, each reading the gradient planes of
 // channel o shifted back by the tap: the adjoint of the forward entry. `base` is added to every
-// offset (the padding, where the products write the unpadded input).
+// offset (the padding, where the products write the unpadded input). Two passes on the index's
+// device: the channels' counts, then (after their running sums) the entries.
 Entries transposed_entries(const Csc& csc, const at::Tensor& values, const ConvLayout& l, int64_t base) {
-  const int64_t kh = l.h.kernel, kw = l.w.kernel, taps = kh * kw, phases = l.phases();
-  const int64_t channels = l.in_channels * phases, nnz = values.numel();
-  const int32_t* ptr = csc.col_ptr.const_data_ptr<int32_t>();
-  const int32_t* row = csc.row.const_data_ptr<int32_t>();
-  const int32_t* k = csc.csc_to_csr.const_data_ptr<int32_t>();
-  at::Tensor start = at::empty({channels + 1}, csc.col_ptr.options());
+  const int64_t channels = l.in_channels * l.phases(), nnz = values.numel();
+  const ConvIndex index = conv_index(l, csc.col_ptr, csc.row, csc.csc_to_csr);
+  at::Tensor start = at::zeros({channels + 1}, csc.col_ptr.options());
   at::Tensor off = at::empty({nnz}, csc.col_ptr.options().dtype(at::kLong));
   at::Tensor w = at::empty({nnz}, values.options());
   const at::Tensor v = values.contiguous();
-  int32_t* s = start.mutable_data_ptr<int32_t>();
-  int64_t* o = off.mutable_data_ptr<int64_t>();
-  // Calls f(entry e, tap i, tap j) for every entry of channel ch, in order.
-  auto each = [&](int64_t ch, auto&& f) {
-    const int64_t c = ch / phases, a = ch % phases / l.w.stride, b = ch % l.w.stride;
-    const int64_t group = c / l.in_per_group(), first = group * l.out_per_group();
-    for (int64_t i = 0; i < kh; ++i) {
-      if (l.h.phase(i) != a) continue;
-      for (int64_t j = 0; j < kw; ++j) {
-        if (l.w.phase(j) != b) continue;
-        const int64_t column = c % l.in_per_group() * taps + i * kw + j;
-        for (int32_t e = ptr[column]; e < ptr[column + 1]; ++e)
-          if (row[e] >= first && row[e] < first + l.out_per_group()) f(e, i, j);
-      }
-    }
-  };
-  s[0] = 0;
-  for (int64_t ch = 0; ch < channels; ++ch) {
-    int32_t count = 0;
-    each(ch, [&](int32_t, int64_t, int64_t) { ++count; });
-    s[ch + 1] = s[ch] + count;
-  }
+  at::Tensor counts = start.narrow(0, 1, channels);
+  with_kernels(start, [&](auto k) { decltype(k)::transposed_counts(index, counts.mutable_data_ptr<int32_t>()); });
+  counts.copy_(counts.cumsum(0));
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "robprune_sparse_transposed_entries", [&] {
-    const scalar_t* src = v.const_data_ptr<scalar_t>();
-    scalar_t* dst = w.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, channels, std::max<int64_t>(1, channels * kSerialEntries / std::max<int64_t>(nnz, 1)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t ch = begin; ch < end; ++ch) {
-        int64_t at = s[ch];
-        each(ch, [&](int32_t e, int64_t i, int64_t j) {
-          dst[at] = src[k[e]];
-          o[at] = row[e] * l.plane_g() + (l.h.max_shift() - l.h.shift(i)) * l.cols_g() +
-                  (l.w.max_shift() - l.w.shift(j)) + base;
-          ++at;
-        });
-      }
+    with_kernels(start, [&](auto k) {
+      decltype(k)::transposed_entries(index, v.const_data_ptr<scalar_t>(), start.const_data_ptr<int32_t>(), base,
+                                      w.mutable_data_ptr<scalar_t>(), off.mutable_data_ptr<int64_t>());
     });
   });
   return {start, w, off};
@@ -494,6 +486,7 @@ void forward_product(const Entries& en, const ConvLayout& l, const Planes& in, T
   p.rows = l.h.out();
   p.cols = l.w.out();
   p.start = en.start.const_data_ptr<int32_t>();
+  p.entries = en.off.numel();
   p.w = en.w.const_data_ptr<T>();
   p.off = en.off.const_data_ptr<int64_t>();
   p.in = data<T>(in.a);
@@ -509,7 +502,7 @@ void forward_product(const Entries& en, const ConvLayout& l, const Planes& in, T
   p.interval = in.b.defined();
   p.out_bounds = out_bounds;
   p.overread = true;
-  CpuSparseKernels::product(p);
+  with_kernels(en.off, [&](auto k) { decltype(k)::product(p); });
 }
 
 // Stride 1: the products write the unpadded input (N, C, H, W) itself; else its phase planes,
@@ -527,6 +520,7 @@ void transposed_product(const Entries& en, const ConvLayout& l, const Planes& g,
   p.rows = direct ? l.h.in : l.rows_q();
   p.cols = direct ? l.w.in : l.cols_q();
   p.start = en.start.const_data_ptr<int32_t>();
+  p.entries = en.off.numel();
   p.w = en.w.const_data_ptr<T>();
   p.off = en.off.const_data_ptr<int64_t>();
   p.in = data<T>(g.a);
@@ -540,7 +534,7 @@ void transposed_product(const Entries& en, const ConvLayout& l, const Planes& g,
   p.out_row = p.cols;
   p.interval = g.b.defined();
   p.overread = true;
-  CpuSparseKernels::product(p);
+  with_kernels(en.off, [&](auto k) { decltype(k)::product(p); });
 }
 
 // Where the products write an (N, C, H, W) result: the op's output itself (fresh) when it is
@@ -599,6 +593,7 @@ void forward_dot(const Entries& en, const ConvLayout& l, const T* g, const T* g1
   p.rows = l.h.out();
   p.cols = l.w.out();
   p.start = en.start.const_data_ptr<int32_t>();
+  p.entries = en.off.numel();
   p.w = data<T>(en.w);
   p.off = en.off.const_data_ptr<int64_t>();
   p.g = g;
@@ -612,7 +607,7 @@ void forward_dot(const Entries& en, const ConvLayout& l, const T* g, const T* g1
   p.in_row = l.cols_q();
   p.dw = dw;
   p.interval = g1 != nullptr;
-  CpuSparseKernels::dot(p);
+  with_kernels(en.off, [&](auto k) { decltype(k)::dot(p); });
 }
 
 }  // namespace
@@ -623,14 +618,13 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& values, const c1
                          int64_t groups) {
   check_float(x, "x");
   check_values(values, x, "x");
-  check_cpu(x, "x");
   const ConvLayout l =
       conv_layout(x, "x", segments(row_ptr, "row_ptr"), kernel_size, stride, padding, dilation, groups);
   check_bias(bias, l.out_channels, x, "x");
   const Csr csr = check_csr(row_ptr, col, values.numel(), l.out_channels, l.columns(),
                             "out_channels", "C_in / groups * kH * kW", x, "x");
   const Planes in = input_planes(x, at::Tensor(), l, PackOp::kCopy);
-  const Entries en = forward_entries(csr, values, x, l);
+  const Entries en = forward_entries(csr, values, l);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const auto format = x.suggest_memory_format();
   const bool nchw = format == at::MemoryFormat::Contiguous;
@@ -648,7 +642,6 @@ at::Tensor sparse_conv2d_t(const at::Tensor& g, const at::Tensor& values, const 
   check_float(g, "g");
   check_dim(g, "g", 4, "(N, C_out, H_out, W_out)");
   check_values(values, g, "g");
-  check_cpu(g, "g");
   TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0,
               "kernel_size must be two positive ints, got ", kernel_size);
   TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
@@ -679,7 +672,6 @@ at::Tensor sparse_conv2d_values_grad(const at::Tensor& g, const at::Tensor& x, c
                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_float(x, "x");
   check_like(g, "g", x, "x");
-  check_cpu(x, "x");
   const ConvLayout l =
       conv_layout(x, "x", segments(row_ptr, "row_ptr"), kernel_size, stride, padding, dilation, groups);
   TORCH_CHECK(g.sizes() == at::IntArrayRef(output_shape(l)), "g must have sparse_conv2d's output shape ",
@@ -688,7 +680,7 @@ at::Tensor sparse_conv2d_values_grad(const at::Tensor& g, const at::Tensor& x, c
   const Csr csr = check_csr(row_ptr, col, col.size(0), l.out_channels, l.columns(),
                             "out_channels", "C_in / groups * kH * kW", x, "x");
   const Planes in = input_planes(x, at::Tensor(), l, PackOp::kCopy);
-  const Entries en = forward_entries(csr, at::Tensor(), x, l);
+  const Entries en = forward_entries(csr, at::Tensor(), l);
   const at::Tensor gc = g.contiguous();
   at::Tensor dw = at::empty({col.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_sparse_conv2d_values_grad", [&] {
@@ -713,7 +705,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_interval_conv2d(
                             "out_channels", "C_in / groups * kH * kW", center, "center");
   const Planes in = input_planes(center, radius, l, box_op(relu_in, check_radius));
   TORCH_CHECK(!(check_radius && in.bad), kRadiusMessage);
-  const Entries en = forward_entries(csr, values, center, l);
+  const Entries en = forward_entries(csr, values, l);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const auto format = center.suggest_memory_format();
   const bool nchw = format == at::MemoryFormat::Contiguous;
@@ -764,8 +756,7 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
     // After unphase (fresh) or a ReLU's gradient (fresh), nothing is scratch any more.
     bool from_scratch = writes_input(l) && !final;
     if (relu_in) {
-      std::tie(g_c, g_r) = IntervalKernels<CpuBackend>::prologue_backward(g_c, g_r, center.contiguous(),
-                                                                           radius.contiguous());
+      std::tie(g_c, g_r) = relu_backward(g_c, g_r, center, radius);
       from_scratch = false;
     }
     g_c = released(g_c, from_scratch, format);
@@ -773,7 +764,7 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
   }
   if (need[2]) {
     const Planes in = input_planes(center, radius, l, relu_in ? PackOp::kReluBox : PackOp::kCopy);
-    const Entries en = forward_entries(csr, values, center, l);
+    const Entries en = forward_entries(csr, values, l);
     g_v = at::empty({values.numel()}, values.options());
     AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_conv2d_backward", [&] {
       forward_dot<scalar_t>(en, l, gradient_region<scalar_t>(g.a, l), gradient_region<scalar_t>(g.b, l),

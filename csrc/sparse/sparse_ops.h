@@ -13,9 +13,10 @@
 //
 // The compressed path (sparse_*): the same layers with the weight as its kept values and their
 // indices (sparse_index.h: CSR row_ptr / col, CSC col_ptr / row / csc_to_csr, int32), so the
-// work scales with the kept weights. CPU only for now. Every op reads its float operands in any
-// layout and returns what ATen's layer would (contiguous; a convolution's output in its input's
-// memory format).
+// work scales with the kept weights. On CPU and CUDA tensors (every tensor of a call on one
+// device): SIMD kernels on the CPU, the generic kernels of sparse_generic.h on a GPU (and on the
+// CPU under ROBPRUNE_SIMD=generic). Every op reads its float operands in any layout and returns
+// what ATen's layer would (contiguous; a convolution's output in its input's memory format).
 //
 //   sparse_linear           y = x W^T + b, x (N, in), W the CSR's (out_features, in)
 //   sparse_linear_t         g W, g (N, out): the input gradient, and CROWN's step through W

@@ -9,27 +9,22 @@
 // of stride-1 products over phase planes, each kept weight (o, c, i, j) an offset into plane
 // (c, phase(i), phase(j)); the products never test a border, the zeros are in the planes. The
 // output's gradient gets the mirror layout (zero margins before the data, max shift wide), in
-// which the transposed convolution is again one offset per kept weight.
+// which the transposed convolution is again one offset per kept weight. The geometry itself
+// (ConvAxis, ConvLayout) is in sparse_geometry.h, which device code reads too.
 #pragma once
 
+#include "sparse_buffers.h"
+#include "sparse_geometry.h"
 #include "sparse_index.h"
 #include "sparse_kernels.h"
-#include "sparse_buffers.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
-#include <algorithm>
 #include <cstdint>
 
 namespace robprune {
-
-using CpuSparseKernels = SparseKernels<CpuBackend>;
-
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // Elements after the last plane of a buffer that products read with overread (sparse_kernels.h):
 // a tile's rows past the region (at most 16) and its vectors past a row (at most 8 of 16 lanes)
@@ -37,44 +32,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
 inline int64_t slack(int64_t row) {
   return 18 * row + 128;
 }
-
-// One spatial axis of a convolution (see the top of this file).
-struct ConvAxis {
-  int64_t in, kernel, stride, pad, dil;
-  int64_t out() const { return (in + 2 * pad - dil * (kernel - 1) - 1) / stride + 1; }
-  int64_t phase(int64_t i) const { return i * dil % stride; }
-  int64_t shift(int64_t i) const { return i * dil / stride; }
-  int64_t max_shift() const { return shift(kernel - 1); }
-  // Rows of a phase plane: every padded input row, and every row an output reads.
-  int64_t planes() const { return std::max(ceil_div(in + 2 * pad, stride), out() + max_shift()); }
-};
-
-// A convolution's geometry and the sizes of its planes. Input planes: (images, in_channels,
-// stride_h, stride_w, rows_q, cols_q). Gradient planes: (images, out_channels, rows_g, cols_g),
-// the output gradient at rows [max_shift_h, + out_h) and columns [max_shift_w, + out_w).
-struct ConvLayout {
-  int64_t images, in_channels, out_channels, groups;
-  ConvAxis h, w;
-
-  int64_t phases() const { return h.stride * w.stride; }
-  int64_t in_per_group() const { return in_channels / groups; }
-  int64_t out_per_group() const { return out_channels / groups; }
-  int64_t columns() const { return in_per_group() * h.kernel * w.kernel; }  // of W2
-  int64_t rows_q() const { return h.planes(); }
-  int64_t cols_q() const { return w.planes(); }
-  int64_t plane_q() const { return rows_q() * cols_q(); }
-  int64_t rows_g() const { return rows_q() + h.max_shift(); }
-  int64_t cols_g() const { return cols_q() + w.max_shift(); }
-  int64_t plane_g() const { return rows_g() * cols_g(); }
-
-  // Where kept weight (o, col) of W2 reads its input plane, col = (c / groups, i, j).
-  int64_t forward_offset(int64_t o, int64_t col) const {
-    const int64_t taps = h.kernel * w.kernel, i = col % taps / w.kernel, j = col % w.kernel;
-    const int64_t c = o / out_per_group() * in_per_group() + col / taps;
-    return ((c * h.stride + h.phase(i)) * w.stride + w.phase(j)) * plane_q() + h.shift(i) * cols_q() +
-           w.shift(j);
-  }
-};
 
 // How to read an operand as (images, channels, height, width) with strides.
 struct PlaneView {
@@ -98,8 +55,8 @@ struct PlaneGrid {
 };
 
 // The planes of x (and of x1, read with x's strides: a pair laid out alike), each a flat
-// scratch buffer (slots `slot` and the next) with slack(grid.cols) zeros after the planes;
-// bad: an invalid radius was met (box ops).
+// scratch buffer (slots `slot` and the next) with slack(grid.cols) zeros after the planes, on
+// x's device; bad: an invalid radius was met (box ops).
 struct Planes {
   at::Tensor a, b;
   bool bad = false;
@@ -137,7 +94,7 @@ inline Planes pack_planes(const at::Tensor& x, const at::Tensor& x1, const Plane
     p.out = out.a.mutable_data_ptr<scalar_t>();
     p.out1 = x1.defined() ? out.b.mutable_data_ptr<scalar_t>() : nullptr;
     p.op = op;
-    out.bad = CpuSparseKernels::pack(p);
+    out.bad = with_kernels(x, [&](auto k) { return decltype(k)::pack(p); });
   });
   return out;
 }

@@ -1,6 +1,9 @@
 """Shared checks of the masked layer ops (masked_linear, masked_conv2d) on every path: values
 and every gradient (input, weight, bias, mask) against the pure-PyTorch twin, at the sparsities
 and layouts a pruned network has."""
+import contextlib
+
+import pytest
 import torch
 
 from robprune_fast import ops, reference
@@ -11,6 +14,29 @@ SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
 
 
+@contextlib.contextmanager
+def full_float32():
+    """cuDNN's and cuBLAS's float32 in full precision, restored on exit: torch's default rounds a
+    GPU's float32 convolutions to TF32 (~1e-3 off), which the twins would then be, and the
+    compressed path's kernels never are."""
+    knobs = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        for k in knobs:
+            k.fp32_precision = "ieee"
+        yield
+    finally:
+        for k, value in zip(knobs, saved):
+            k.fp32_precision = value
+
+
+@pytest.fixture
+def exact_twins():
+    """full_float32 around a whole test, for tests that compute their references themselves."""
+    with full_float32():
+        yield
+
+
 def random_mask(shape, sparsity, dtype, device, generator=None):
     """A binary mask keeping about (1 - sparsity) of the weights (exactly none at 1, all at 0)."""
     if sparsity >= 1:
@@ -19,6 +45,7 @@ def random_mask(shape, sparsity, dtype, device, generator=None):
     return keep.to(dtype=dtype, device=device)
 
 
+@full_float32()
 def compare(name, x, weight, bias, mask, options, path, dtype, mask_grad=True):
     """ops.<name>(..., path=path) against reference.<name>: the output, and the gradients of x,
     weight, bias and (when mask_grad) the mask under a random cotangent. The gradient of a
@@ -55,6 +82,7 @@ def compressed(weight, mask):
     return index, torch.take(weight.detach(), index.flat_index).requires_grad_(True)
 
 
+@full_float32()
 def compare_op(op, twin, args, dtype, grads=True):
     """op(*args) against twin(*args): outputs, and the gradients of every floating tensor argument
     (leaves made here) under random cotangents."""

@@ -2,9 +2,11 @@
 shape and machine, rather than guessed.
 
 On the first auto call of a key (op, batch rounded up to a power of two, the other input and
-weight dimensions, geometry, dtype, device type, threads; the kernels' and torch's versions) the
-dense and the compressed layer are timed, forward + backward, interleaved, on random masks of
-three densities; the compressed path's time grows about linearly with the density, so
+weight dimensions, geometry, dtype, device (a GPU by its model), threads; the kernels' and
+torch's versions) the dense and the compressed layer are timed, forward + backward, interleaved,
+on random masks of three densities (on a GPU each call synchronised, so the time is the work's,
+not the launch's; the dense layer there is cuBLAS / cuDNN, which the compressed path must beat
+to be taken); the compressed path's time grows about linearly with the density, so
 interpolating between the timed densities gives the one at which it meets the dense time: the
 crossover. It lands in a small JSON table in the cache directory
 ($ROBPRUNE_CACHE, else the user's, see data.default_cache_dir) and every later process reuses
@@ -92,13 +94,21 @@ def _forced_value() -> float | None:
     return None
 
 
+def device_key(device: torch.device) -> str:
+    """The device part of a key: the device type, and a GPU's model (one machine may hold
+    several kinds, each with its own crossover)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def key(op: str, x_shape, weight_shape, geometry, dtype: torch.dtype, device: torch.device) -> str:
     """The table's key: op, batch (rounded up to a power of two), input and weight shapes,
-    geometry, dtype, device type, threads, and the versions of the kernels and of torch."""
+    geometry, dtype, device, threads, and the versions of the kernels and of torch."""
     batch = 1 << max(0, math.ceil(math.log2(max(x_shape[0], 1))))
     rest = tuple(x_shape[1:])
     return (f"{op}|batch={batch}|x={rest}|w={tuple(weight_shape)}|geometry={tuple(map(str, geometry))}|"
-            f"{str(dtype).replace('torch.', '')}|{device.type}|threads={torch.get_num_threads()}|"
+            f"{str(dtype).replace('torch.', '')}|{device_key(device)}|threads={torch.get_num_threads()}|"
             f"kernels={KERNELS}|torch={torch.__version__}")
 
 
@@ -142,7 +152,7 @@ def measure(op: str, x_shape, weight_shape, geometry, dtype, device) -> float:
     fns = {"dense": run("dense", masks[DENSITIES[0]])}
     fns.update({d: run("sparse", m) for d, m in masks.items()})
     with torch.inference_mode(False), torch.enable_grad():
-        times = _timeit(fns)
+        times = _timeit(fns, device)
     return crossing(times["dense"], [(d, times[d]) for d in DENSITIES])
 
 
@@ -161,15 +171,24 @@ def crossing(dense: float, sparse: list) -> float:
     return min(1.0, d1 + (d1 - d0) * (dense - t1) / (t1 - t0))
 
 
-def _timeit(fns: dict) -> dict:
-    """Median time of each callable over REPEATS turns in shuffled order, after one warm-up."""
+def _sync(device: torch.device) -> None:
+    """Waits for the device's queued work (a GPU runs it asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timeit(fns: dict, device: torch.device) -> dict:
+    """Median time of each callable over REPEATS turns in shuffled order, after one warm-up;
+    every call timed from an idle device to its work's end."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     rng = random.Random(0)
     for _ in range(REPEATS):
         for name in rng.sample(list(fns), len(fns)):
+            _sync(device)
             start = time.perf_counter()
             fns[name]()
+            _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}

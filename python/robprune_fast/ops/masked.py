@@ -10,7 +10,9 @@ fused into the one pass that makes the effective weight (once per weight update 
 (``ops.sparse``) that skip pruned weights; they pay off below a density measured per layer shape
 and machine (``ops.crossover``). ``path="auto"`` picks by the mask's density; a mask that
 requires grad always takes the dense path, which is the one that makes the dense mask gradient,
-and so does a device without compressed kernels and a trace (torch.compile).
+and so does a device without compressed kernels (a CUDA tensor in a build without the CUDA
+kernels), a trace (torch.compile) and a CUDA graph being captured (the compressed path's index
+checks wait for the GPU's verdict, which a capture forbids).
 """
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ def takes_sparse_path(path, op, x, x_shape, weight, mask, geometry) -> bool:
     if path == "sparse":
         return True
     if (not has_kernel_for(f"sparse_{op}", x.device.type) or torch.compiler.is_compiling()
-            or isinstance(mask, torch._subclasses.FakeTensor)):
+            or isinstance(mask, torch._subclasses.FakeTensor)
+            or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
         return False
     density = sparse.mask_density(mask)
     return density < 1 and density < sparse.crossover(op, x_shape, weight.shape, geometry, x.dtype, x.device)

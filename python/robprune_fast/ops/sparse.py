@@ -10,8 +10,11 @@ the bias; the mask's gradient is the dense path's job.
 
 The ops themselves (torch.ops.robprune_fast.sparse_*, schemas in pyext/module.cpp) take the
 values and indices; here are their fake kernels and autograd formulas, each op's twin is in
-``reference.py``. The kernels run on the CPU; on another device the ops run their twins.
-``crossover`` decides when path="auto" takes this path.
+``reference.py``. The kernels run on CPU tensors and, in a build with the CUDA kernels, on CUDA
+tensors (the generic kernels of csrc/sparse/sparse_generic.h); where the build has none for the
+device (a CPU-only build given CUDA tensors, no extension at all) the ops run their twins.
+``crossover`` decides when path="auto" takes this path (on a GPU, only where it measured faster
+than the dense cuBLAS / cuDNN layer).
 """
 from __future__ import annotations
 
