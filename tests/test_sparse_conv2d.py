@@ -41,20 +41,17 @@ def output_like(x, values, b, index, geometry):
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-def test_conv_matches_twin(geometry, sparsity, device):
+@pytest.mark.parametrize("op", ["conv", "transpose"])
+def test_matches_twin(op, geometry, sparsity, device):
+    """The convolution, and its transpose back to the input's size (the input gradient)."""
     dtype = torch.float32
     x, v, b, index = problem(3, 4, 6, (9, 8), geometry, sparsity, dtype, device)
-    compare_op(OPS.sparse_conv2d, reference.sparse_conv2d, (x, v, b, index.row_ptr, index.col, *geometry), dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES, ids=str)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-def test_transpose_matches_twin(geometry, sparsity, device):
-    dtype = torch.float32
-    x, v, b, index = problem(3, 4, 6, (9, 8), geometry, sparsity, dtype, device)
-    g = torch.randn_like(output_like(x, v, b, index, geometry))
-    compare_op(OPS.sparse_conv2d_t, reference.sparse_conv2d_t, (g, v, *index.csc, [9, 8], *geometry), dtype)
+    if op == "conv":
+        compare_op(OPS.sparse_conv2d, reference.sparse_conv2d, (x, v, b, index.row_ptr, index.col, *geometry),
+                   dtype)
+    else:
+        g = torch.randn_like(output_like(x, v, b, index, geometry))
+        compare_op(OPS.sparse_conv2d_t, reference.sparse_conv2d_t, (g, v, *index.csc, [9, 8], *geometry), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)

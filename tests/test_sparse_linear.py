@@ -28,21 +28,15 @@ def problem(n, in_features, out_features, sparsity, dtype, device="cpu", seed=0)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("n", BATCHES)
-def test_linear_matches_twin(n, sparsity, dtype, device):
+@pytest.mark.parametrize("op", ["linear", "transpose"])
+def test_matches_twin(op, n, sparsity, dtype, device):
+    """y = x W^T + b, and the transpose g W (the input gradient, CROWN's step)."""
     x, v, b, index = problem(n, 45, 19, sparsity, dtype, device)
-    args = (x, v, b, index.row_ptr, index.col, 19)
-    compare_op(OPS.sparse_linear, reference.sparse_linear, args, dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("n", BATCHES)
-def test_transpose_matches_twin(n, sparsity, dtype, device):
-    x, v, _, index = problem(n, 45, 19, sparsity, dtype, device)
-    g = torch.randn(n, 19, dtype=dtype, device=device)
-    args = (g, v, *index.csc, 45)
-    compare_op(OPS.sparse_linear_t, reference.sparse_linear_t, args, dtype)
+    if op == "linear":
+        compare_op(OPS.sparse_linear, reference.sparse_linear, (x, v, b, index.row_ptr, index.col, 19), dtype)
+    else:
+        g = torch.randn(n, 19, dtype=dtype, device=device)
+        compare_op(OPS.sparse_linear_t, reference.sparse_linear_t, (g, v, *index.csc, 45), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)

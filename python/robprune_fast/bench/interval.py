@@ -10,6 +10,7 @@ from torch import nn
 from .. import ops, reference
 from ..bounds.crown_steps import neurons_last
 from ..models import Normalize, build
+from .tables import markdown
 from .timing import matmul_peak, timeit
 
 
@@ -169,34 +170,29 @@ def bench_crown_steps(batch, device, repeats, specs=9):
 
 
 def format_table(result) -> str:
-    lines = [f"device: {result['device']}; batch {result['batch']}; {result['memory_format']}; matmul peak "
-             f"{result['matmul_gflops']:.0f} GFLOP/s; torch {result['torch']}; threads {result['threads']}", "",
-             "| layer | mode | fused ms | reference ms | plain ms | fused / plain | reference / fused | fused GFLOP/s | % of peak |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     peak = result["matmul_gflops"]
     entries = [(row["layer"], row["plain_gflop"], row) for row in result["layers"]]
     entries.append(("whole cnn_large", result["network_gflop"], result["network"]))
+    layer_rows = []
     for name, gflop, row in entries:
         for mode in ("forward", "forward+backward"):
             t = row[mode]
             # FLOPs of an interval pass: 2x plain forward; backward adds 2x that again.
-            work = 2 * gflop * (3 if mode == "forward+backward" else 1)
-            rate = work / t["fused"]
-            lines.append(f"| {name} | {mode} | {t['fused'] * 1e3:.2f} | {t['reference'] * 1e3:.2f} | "
-                         f"{t['plain'] * 1e3:.2f} | {t['fused'] / t['plain']:.2f}x | "
-                         f"{t['reference'] / t['fused']:.2f}x | {rate:.0f} | {100 * rate / peak:.0f}% |")
-    lines += ["", "CROWN's fused steps (one side of the walk, 9 margin rows per input):", "",
-              "| op | A shape | A layout | mode | fused ms | reference ms | reference / fused |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
-    for row in result["crown_steps"]:
-        for mode in ("forward", "forward+backward"):
-            t = row[mode]
-            lines.append(f"| {row['op']} | {tuple(row['shape'])} | {row['layout']} | {mode} | {t['fused'] * 1e3:.2f} | "
-                         f"{t['reference'] * 1e3:.2f} | {t['reference'] / t['fused']:.2f}x |")
-    return "\n".join(lines)
-
-
-# --- the compressed path of the masked layers ------------------------------------------------------
+            rate = 2 * gflop * (3 if mode == "forward+backward" else 1) / t["fused"]
+            layer_rows.append([name, mode, f"{t['fused'] * 1e3:.2f}", f"{t['reference'] * 1e3:.2f}",
+                               f"{t['plain'] * 1e3:.2f}", f"{t['fused'] / t['plain']:.2f}x",
+                               f"{t['reference'] / t['fused']:.2f}x", f"{rate:.0f}", f"{100 * rate / peak:.0f}%"])
+    crown_rows = [[row["op"], str(tuple(row["shape"])), row["layout"], mode, f"{row[mode]['fused'] * 1e3:.2f}",
+                   f"{row[mode]['reference'] * 1e3:.2f}", f"{row[mode]['reference'] / row[mode]['fused']:.2f}x"]
+                  for row in result["crown_steps"] for mode in ("forward", "forward+backward")]
+    return "\n".join([
+        f"device: {result['device']}; batch {result['batch']}; {result['memory_format']}; matmul peak "
+        f"{peak:.0f} GFLOP/s; torch {result['torch']}; threads {result['threads']}", "",
+        *markdown(["layer", "mode", "fused ms", "reference ms", "plain ms", "fused / plain", "reference / fused",
+                   "fused GFLOP/s", "% of peak"], "llrrrrrrr", layer_rows),
+        "", "CROWN's fused steps (one side of the walk, 9 margin rows per input):", "",
+        *markdown(["op", "A shape", "A layout", "mode", "fused ms", "reference ms", "reference / fused"], "llllrrr",
+                  crown_rows)])
 
 
 def bench_ibp(args, device) -> dict:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import crossover, sparse
 from ..ops.sparse_index import pack_mask
+from .tables import markdown
 from .timing import timeit
 
 
@@ -28,13 +29,17 @@ def sparse_layers(batch, device):
 def layer_variants(op, x, weight, bias, mask, options, backward):
     """The masked layer three ways: dense (F.linear / F.conv2d on weight * mask), the compressed
     path, and (linear) torch's CSR matmul on the kept values; each from fresh leaves, the weight
-    gathered per call as in training, backward into x, weight and bias."""
+    gathered per call as in training, backward into x, weight and bias, whose gradients are
+    dropped before each call as a training step's zero_grad(set_to_none=True) does (so no
+    variant pays for accumulating into the last call's)."""
     leaves = [t.detach().clone().requires_grad_(backward) for t in (x, weight, bias)]
     index = pack_mask(mask)
     crow, col = index.row_ptr.long(), index.col.long()
 
     def run(fn):
         def step():
+            for leaf in leaves:
+                leaf.grad = None
             with torch.set_grad_enabled(backward):
                 y = fn(*leaves)
                 if backward:
@@ -91,20 +96,20 @@ def bench_sparse(batch, device, repeats):
 
 
 def format_sparse_table(result) -> str:
-    lines = [f"Compressed path: batch {result['batch']}, {result['threads']} threads; ms (median of "
-             f"{result['repeats']} interleaved repetitions)", "",
-             "| layer | sparsity | mode | dense | sparse | torch CSR | dense / sparse | CSR / sparse | auto |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    rows = []
     for row in result["sparse"]:
         for mode in ("forward", "forward+backward", "interval forward"):
             t = row[mode]
             dense, ours, csr = t.get("dense", t.get("dense_fused")), t["sparse"], t.get("torch_csr")
-            csr_ms, csr_ratio = ("", "") if csr is None else (f"{csr * 1e3:.2f}", f"{csr / ours:.2f}x")
-            auto = row["auto"] if mode != "interval forward" else ""
-            lines.append(f"| {row['layer']} | {100 * row['sparsity']:.0f}% | {mode} | {dense * 1e3:.2f} | "
-                         f"{ours * 1e3:.2f} | {csr_ms} | {dense / ours:.2f}x | {csr_ratio} | {auto} |")
-    crossovers = {row["layer"]: row["crossover"] for row in result["sparse"]}
-    lines += ["", "auto's measured crossover density (sparse below it): " +
-              ", ".join(f"{name} {value:.3f}" for name, value in crossovers.items()),
-              "interval forward: dense = the fused dense interval op (ops.interval_*), both inside weight_cache()."]
-    return "\n".join(lines)
+            rows.append([row["layer"], f"{100 * row['sparsity']:.0f}%", mode, f"{dense * 1e3:.2f}", f"{ours * 1e3:.2f}",
+                         "" if csr is None else f"{csr * 1e3:.2f}", f"{dense / ours:.2f}x",
+                         "" if csr is None else f"{csr / ours:.2f}x", row["auto"] if mode != "interval forward" else ""])
+    crossovers = ", ".join(f"{row['layer']} {row['crossover']:.3f}" for row in result["sparse"]
+                           if row["sparsity"] == result["sparse"][0]["sparsity"])
+    return "\n".join([
+        f"Compressed path: batch {result['batch']}, {result['threads']} threads; ms (median of "
+        f"{result['repeats']} interleaved repetitions)", "",
+        *markdown(["layer", "sparsity", "mode", "dense", "sparse", "torch CSR", "dense / sparse", "CSR / sparse", "auto"],
+                  "lrlrrrrrl", rows),
+        "", f"auto's measured crossover density (sparse below it): {crossovers}",
+        "interval forward: dense = the fused dense interval op (ops.interval_*), both inside weight_cache()."])

@@ -151,19 +151,32 @@ class Widening:
     def gamma(self, n: int) -> float:
         return gamma(n, self.dtype)
 
+    # Without autograd the passes reuse their buffers (three passes and one new tensor before
+    # an op, one pass after it): on a large network they are most of what soundness costs.
+
     def before(self, op, c: torch.Tensor, r: torch.Tensor, relu_pending: bool) -> torch.Tensor:
+        """The radius an op reads (a new tensor; r is left as it is)."""
         if not op.terms:
             return r
-        u = torch.relu(c + r) if relu_pending else c.abs() + r
-        return torch.add(r, u, alpha=6 * self.gamma(op.terms + 2))
+        alpha = 6 * self.gamma(op.terms + 2)
+        if torch.is_grad_enabled():
+            u = torch.relu(c + r) if relu_pending else c.abs() + r
+            return torch.add(r, u, alpha=alpha)
+        u = torch.add(c, r).relu_() if relu_pending else torch.abs(c).add_(r)
+        return torch.add(r, u, alpha=alpha, out=u)
 
     def after(self, op, r: torch.Tensor) -> torch.Tensor:
+        """The op's output radius widened (in place without autograd: it is the op's own)."""
         if not op.terms:
             return r
         g = self.gamma(op.terms + 2)
         added = op.added_magnitude()
-        r = r * (1 + 3 * g)
-        return r if added is None else torch.add(r, added, alpha=3 * g)
+        if torch.is_grad_enabled():
+            r = r * (1 + 3 * g)
+            return r if added is None else torch.add(r, added, alpha=3 * g)
+        if added is None:
+            return r.mul_(1 + 3 * g)
+        return torch.add(added * (3 * g), r, alpha=1 + 3 * g, out=r)
 
     def around_sum(self, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The radius of an element-wise sum (or of a last ReLU box) widened by its rounding

@@ -77,3 +77,13 @@ def call(op, *args):
         return op(*args)
     with _BELOW_AUTOGRAD():
         return op(*args)
+
+
+def saving(*positions: int, geometry_from: int | None = None):
+    """The setup_context of an op whose backward needs some of its inputs: saves those at
+    ``positions`` for backward (``ctx.saved_tensors``, in that order) and keeps the arguments
+    from ``geometry_from`` on (a layer's stride, padding, ...: no gradient) as ``ctx.geometry``."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in positions))
+        ctx.geometry = [] if geometry_from is None else list(inputs[geometry_from:])
+    return setup_context

@@ -78,3 +78,15 @@ def conv_geometry(stride, padding, dilation, groups):
     check_groups(groups)
     return (int_pair(stride, "stride", 1), int_pair(padding, "padding", 0),
             int_pair(dilation, "dilation", 1), groups)
+
+
+def conv_input(x, name: str, weight, stride, padding, dilation, groups):
+    """A conv2d layer's input x (called ``name``) against its weight (already checked); returns
+    the checked geometry as conv_geometry does."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"{name} has {x.shape[1]} channels but weight expects in_channels = "
+                         f"weight.size(1) * groups = {weight.shape[1] * groups}")
+    return stride, padding, dilation, groups

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._dispatch import OPS, _C, use_kernel
+from ._dispatch import OPS, _C, saving, use_kernel
 from .checks import check_layer, check_same_shape, check_tensor, conv_geometry, int_pair
 from .weight_pair import cached_weight_pair
 
@@ -137,11 +137,6 @@ def _register_affine(name: str, step_output) -> None:
         like = (A, weight, weight.new_empty(weight.shape[0]), weight)
         return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, output_mask))
 
-    def setup_context(ctx, inputs, output):
-        A, weight, bias, mask, weight_pair, *geometry = inputs
-        ctx.save_for_backward(A, weight, bias, mask, weight_pair)
-        ctx.geometry = geometry
-
     def backward(ctx, grad_A_out, grad_bias_term):
         A, weight, bias, mask, weight_pair = ctx.saved_tensors
         n = ctx.needs_input_grad
@@ -151,7 +146,8 @@ def _register_affine(name: str, step_output) -> None:
         # None for weight_pair, then for the geometry.
         return (*[g if wanted else None for g, wanted in zip(grads, need)], None) + (None,) * len(ctx.geometry)
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    # Saved: A, weight, bias, mask, weight_pair; then the geometry.
+    torch.library.register_autograd(op, backward, setup_context=saving(0, 1, 2, 3, 4, geometry_from=5))
 
 
 def _linear_step_output(A, weight, geometry):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ._dispatch import OPS, _C, call, use_kernel
-from .checks import check_box, check_layer, check_radius_values, conv_geometry
+from .checks import check_box, check_layer, check_radius_values, conv_input
 from .weight_pair import cached_weight_pair
 
 
@@ -50,12 +50,8 @@ def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padd
     """
     check_box(center, radius)
     check_layer(weight, bias, mask, 4, center, "center")
-    if center.dim() != 4:
-        raise ValueError(f"center must be 4-D (N, C, H, W), got shape {tuple(center.shape)}")
-    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
-    if center.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"center has {center.shape[1]} channels but weight expects in_channels = "
-                         f"weight.size(1) * groups = {weight.shape[1] * groups}")
+    stride, padding, dilation, groups = conv_input(center, "center", weight, stride, padding, dilation,
+                                                   groups)
     return interval_conv2d_unchecked(center, radius, weight, bias, mask, stride, padding,
                                      dilation, groups, relu_in, out_bounds)
 

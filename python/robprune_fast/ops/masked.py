@@ -22,8 +22,8 @@ import torch
 
 from .. import reference
 from . import sparse
-from ._dispatch import OPS, _C, call, has_kernel_for, use_kernel
-from .checks import check_layer, check_tensor, conv_geometry
+from ._dispatch import OPS, _C, call, has_kernel_for, saving, use_kernel
+from .checks import check_layer, check_tensor, conv_input
 from .weight_pair import cached_weight_pair
 
 PATHS = ("auto", "dense", "sparse")
@@ -61,12 +61,8 @@ def masked_conv2d(x, weight, bias=None, mask=None, stride=1, padding=0, dilation
     """``F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)`` (zeros padding);
     x: (N, C, H, W) in any memory format. path as in masked_linear."""
     _check(x, weight, bias, mask, 4, path)
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"x has {x.shape[1]} channels but weight expects in_channels = "
-                         f"weight.size(1) * groups = {weight.shape[1] * groups}")
+    stride, padding, dilation, groups = conv_input(x, "x", weight, stride, padding, dilation,
+                                                   groups)
     if takes_sparse_path(path, "conv2d", x, tuple(x.shape), weight, mask, (stride, padding, dilation, groups)):
         return sparse.conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
     return masked_conv2d_dense(x, weight, bias, mask, stride, padding, dilation, groups)
@@ -123,11 +119,6 @@ def _register(name: str, layer_output) -> None:
         like = (x, weight, weight.new_empty(weight.shape[0]), weight)
         return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, output_mask))
 
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, mask, weight_pair, *geometry = inputs
-        ctx.save_for_backward(x, weight, mask, weight_pair)
-        ctx.geometry = geometry
-
     def backward(ctx, grad):
         x, weight, mask, weight_pair = ctx.saved_tensors
         n = ctx.needs_input_grad
@@ -136,7 +127,8 @@ def _register(name: str, layer_output) -> None:
         # None for the cached effective weight, then for the geometry.
         return (*[g if wanted else None for g, wanted in zip(grads, need)], None) + (None,) * len(ctx.geometry)
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    # Saved: x, weight, mask, weight_pair; then the geometry.
+    torch.library.register_autograd(op, backward, setup_context=saving(0, 1, 3, 4, geometry_from=5))
 
 
 def _linear_output(x, weight, geometry):

@@ -22,8 +22,8 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from .. import reference
-from ._dispatch import OPS, _C, call, use_kernel
-from .checks import check_box, check_layer, conv_geometry
+from ._dispatch import OPS, _C, call, saving, use_kernel
+from .checks import check_box, check_layer, conv_input
 from .crossover import crossover  # noqa: F401  (ops.sparse.crossover: the path choice)
 from .sparse_index import (SparseIndex, csc_of, csr_of, gather_values, mask_density, mask_index,  # noqa: F401
                            pack_mask)
@@ -78,12 +78,8 @@ def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padd
     check_layer(weight, bias, mask, 4, center, "center")
     if mask is None:
         raise ValueError("mask is required on the compressed path (it says which weights are kept)")
-    if center.dim() != 4:
-        raise ValueError(f"center must be 4-D (N, C, H, W), got shape {tuple(center.shape)}")
-    stride, padding, dilation, groups = conv_geometry(stride, padding, dilation, groups)
-    if center.shape[1] != weight.shape[1] * groups:
-        raise ValueError(f"center has {center.shape[1]} channels but weight expects in_channels = "
-                         f"weight.size(1) * groups = {weight.shape[1] * groups}")
+    stride, padding, dilation, groups = conv_input(center, "center", weight, stride, padding, dilation,
+                                                   groups)
     index = mask_index(mask)
     return sparse_interval_conv2d(center, radius, gather_values(weight, index), bias, index,
                                   *_conv_args(weight, stride, padding, dilation, groups), relu_in, out_bounds)
@@ -157,10 +153,6 @@ def _register_linear():
         return (torch.empty_like(x) if output_mask[0] else x.new_empty(0),
                 torch.empty_like(values) if output_mask[1] else x.new_empty(0))
 
-    def setup(ctx, inputs, output):
-        x, values, bias, row_ptr, col, out_features = inputs
-        ctx.save_for_backward(x, values, row_ptr, col)
-
     def backward(ctx, g):
         x, values, row_ptr, col = ctx.saved_tensors
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
@@ -169,13 +161,10 @@ def _register_linear():
             gx, gv = OPS.sparse_linear_backward(g, x, values, *csc_of(row_ptr, col, x.shape[1]), [need_x, need_v])
         return gx if need_x else None, gv if need_v else None, g.sum(0) if need_b else None, None, None, None
 
-    torch.library.register_autograd("robprune_fast::sparse_linear", backward, setup_context=setup)
+    # Saved: x, values, row_ptr, col.
+    torch.library.register_autograd("robprune_fast::sparse_linear", backward, setup_context=saving(0, 1, 3, 4))
 
     # y = g W2: dg = dy W2^T (the forward product), dW2 = g^T dy at the kept weights.
-    def setup_t(ctx, inputs, output):
-        g, values, col_ptr, row, csc_to_csr, in_features = inputs
-        ctx.save_for_backward(g, values, col_ptr, row, csc_to_csr)
-
     def backward_t(ctx, dy):
         g, values, col_ptr, row, csc_to_csr = ctx.saved_tensors
         row_ptr, col = csr_of(col_ptr, row, csc_to_csr, g.shape[1])
@@ -183,7 +172,9 @@ def _register_linear():
         dv = OPS.sparse_linear_values_grad(g, dy, col_ptr, row, csc_to_csr) if ctx.needs_input_grad[1] else None
         return dg, dv, None, None, None, None
 
-    torch.library.register_autograd("robprune_fast::sparse_linear_t", backward_t, setup_context=setup_t)
+    # Saved: g, values, col_ptr, row, csc_to_csr.
+    torch.library.register_autograd("robprune_fast::sparse_linear_t", backward_t,
+                                    setup_context=saving(0, 1, 2, 3, 4))
 
 
 def _register_conv2d():
@@ -201,11 +192,6 @@ def _register_conv2d():
     def _fake_values_grad(g, x, row_ptr, col, kernel_size, stride, padding, dilation, groups):
         return g.new_empty(col.shape)
 
-    def setup(ctx, inputs, output):
-        x, values, bias, row_ptr, col, *geometry = inputs
-        ctx.save_for_backward(x, values, row_ptr, col)
-        ctx.geometry = geometry
-
     def backward(ctx, g):
         x, values, row_ptr, col = ctx.saved_tensors
         kernel_size, stride, padding, dilation, groups = ctx.geometry
@@ -216,14 +202,11 @@ def _register_conv2d():
         gv = OPS.sparse_conv2d_values_grad(g, x, row_ptr, col, *ctx.geometry) if need_v else None
         return (gx, gv, g.sum((0, 2, 3)) if need_b else None) + (None,) * 7
 
-    torch.library.register_autograd("robprune_fast::sparse_conv2d", backward, setup_context=setup)
+    # Saved: x, values, row_ptr, col; then the geometry (kernel size to groups).
+    torch.library.register_autograd("robprune_fast::sparse_conv2d", backward,
+                                    setup_context=saving(0, 1, 3, 4, geometry_from=5))
 
     # y = conv^T g: dg = conv(dy), and the values' gradient of <g, conv(dy)>.
-    def setup_t(ctx, inputs, output):
-        g, values, col_ptr, row, csc_to_csr, input_size, *geometry = inputs
-        ctx.save_for_backward(g, values, col_ptr, row, csc_to_csr)
-        ctx.geometry = geometry
-
     def backward_t(ctx, dy):
         g, values, col_ptr, row, csc_to_csr = ctx.saved_tensors
         row_ptr, col = csr_of(col_ptr, row, csc_to_csr, g.shape[1])
@@ -231,7 +214,9 @@ def _register_conv2d():
         dv = OPS.sparse_conv2d_values_grad(g, dy, row_ptr, col, *ctx.geometry) if ctx.needs_input_grad[1] else None
         return (dg, dv) + (None,) * 9
 
-    torch.library.register_autograd("robprune_fast::sparse_conv2d_t", backward_t, setup_context=setup_t)
+    # Saved: g, values, col_ptr, row, csc_to_csr; then the geometry after input_size.
+    torch.library.register_autograd("robprune_fast::sparse_conv2d_t", backward_t,
+                                    setup_context=saving(0, 1, 2, 3, 4, geometry_from=6))
 
 
 def _register_interval(name: str, n_geometry: int, layer_output, columns, backward_geometry) -> None:
