@@ -4,9 +4,19 @@
 # run the test suite (every CUDA test included), benchmark the kernels and the bound engine, and
 # run the CUDA op tests under compute-sanitizer. Each stage has its own time limit and its log
 # goes to $OUT/check.log; a failed build ends the check, any other failure does not.
-#   OUT=runs/gpu_check bash scripts/gpu_check.sh
+#   OUT=runs/gpu_check bash scripts/gpu_check.sh [check|speed|pipeline|all]
+# A lent GPU comes with about 15 minutes and 10 per command, so the check runs in parts, one
+# command each, the build kept between them while the machine stays warm:
+#   check     build, errors-raise check, the CUDA tests, compute-sanitizer   (about 8 min)
+#   speed     kernel, sparse and bound-engine benchmarks                      (about 8 min)
+#   pipeline  the pruning pipeline on CIFAR-10 for as long as it is given; needs the archive
+#             at .data/cifar10-jpeg.tar.gz (carried; git-excluded) and pydantic/pyyaml
+#             (.whl/, carried, when the machine lacks them)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-all}
+case $PART in check|speed|pipeline|all) ;; *) echo "part must be check, speed, pipeline or all, got $PART" >&2; exit 2;; esac
+want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
@@ -47,28 +57,41 @@ export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 stage build_info 60 $PY -c "import robprune_fast as r, json; i = r.build_info(); print(json.dumps(i)); \
   assert i.get('cuda'), 'the CUDA kernels were not built'"
 
+if want check; then
 # A failed check must raise, not crash (it crashed on the first GPU machine: see BENCHMARKS.md).
 # Unwinder or C++ runtime copies linked into the module would explain it; list any.
 stage unwinder 30 bash -c "nm -D --defined-only python/robprune_fast/_C*.so | \
   grep -E '_Unwind_RaiseException|__gxx_personality_v0|__cxa_throw' || echo 'none defined in the module'"
-stage throw_check 300 $PY scripts/throw_check.py
-
-# The whole suite, workers in parallel; the CUDA variants of every op test run here.
-stage tests 240 env OMP_NUM_THREADS=1 $PY -m pytest -q -rfEs -p no:cacheprovider -n 12 tests
-stage bench 180 $PY -m robprune_fast.bench --device cuda --sections ibp --json "$OUT/bench_cuda.json"
-# The compressed path's CUDA kernels against cuDNN / cuBLAS dense, and the crossover auto measures.
-stage bench_sparse 180 $PY -m robprune_fast.bench --device cuda --sections sparse --json "$OUT/bench_cuda_sparse.json"
-stage bench_b1024 180 $PY -m robprune_fast.bench --device cuda --batch 1024 --json "$OUT/bench_cuda_b1024.json"
-stage bounds_time 150 $PY benchmarks/bounds_time.py --device cuda --repeats 10 \
-  --out "$OUT/bounds_time_cuda.json"
+stage throw_check 120 $PY scripts/throw_check.py
+# The CUDA variants of every test (the CPU ones ran in CI), then the crash test of every op.
+stage tests_cuda 180 env OMP_NUM_THREADS=1 $PY -m pytest -q -rfEs -p no:cacheprovider -k cuda tests
+stage errors_raise 60 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_errors_raise.py
 # Out-of-bounds accesses and races the value checks cannot see (where the runtime supports it).
 # The compressed path's tests add ~115 float32 CUDA cases (linear, conv plane sizes, interval).
-stage sanitizer 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+stage sanitizer 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY -m pytest -q -x -p no:cacheprovider -k "cuda and float32" \
   tests/test_interval_linear.py tests/test_interval_conv2d.py tests/test_input_box.py \
   tests/test_relu_box_.py tests/test_crown_relu_backward.py tests/test_crown_linear_backward.py \
   tests/test_crown_conv2d_backward.py tests/test_masked_weight_pair.py tests/test_degenerate_shapes.py \
   tests/test_sparse_linear.py tests/test_sparse_conv2d.py tests/test_sparse_interval.py
+fi
+
+if want speed; then
+stage bench 150 $PY -m robprune_fast.bench --device cuda --sections ibp --json "$OUT/bench_cuda.json"
+# The compressed path's CUDA kernels against cuDNN / cuBLAS dense, and the crossover auto measures.
+stage bench_sparse 120 $PY -m robprune_fast.bench --device cuda --sections sparse --json "$OUT/bench_cuda_sparse.json"
+stage bench_b512 120 $PY -m robprune_fast.bench --device cuda --batch 512 --sections ibp --json "$OUT/bench_cuda_b512.json"
+stage bounds_time 120 $PY benchmarks/bounds_time.py --device cuda --repeats 10 \
+  --out "$OUT/bounds_time_cuda.json"
+stage pruned_step 60 $PY benchmarks/pruned_ibp_step.py --repeats 10 --out "$OUT/pruned_ibp_step_cuda.json"
+fi
+
+if want pipeline; then
+# The paper's experiment on the GPU, shortened to what one command's time allows.
+stage pipeline "${PIPELINE_SECONDS:-540}" $PY -m robprune_fast.cli run configs/cifar10_ibp_cnn_small.yaml \
+  --set data.source=.data/cifar10-jpeg.tar.gz --set device=cuda --set out_dir="$OUT/pipeline" \
+  --set pretrain.epochs="${PIPELINE_EPOCHS:-10}" --set finetune.epochs=3
+fi
 
 tail -n 40 "$LOG"
 exit $status
