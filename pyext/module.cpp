@@ -114,56 +114,45 @@ TORCH_LIBRARY(robprune_fast, m) {
 }
 
 // One implementation per op serves both devices: it picks the CPU or CUDA kernels of its family
-// from the input's device (csrc/<family>/<family>_ops.cpp), so both registrations are these
-// lists.
-static void register_interval_ops(torch::Library& m) {
-  m.impl("masked_weight_pair", &robprune::masked_weight_pair);
-  m.impl("input_box", &robprune::input_box);
-  m.impl("relu_box_", &robprune::relu_box_);
-  m.impl("interval_linear", &robprune::interval_linear);
-  m.impl("interval_linear_backward", &robprune::interval_linear_backward);
-  m.impl("interval_conv2d", &robprune::interval_conv2d);
-  m.impl("interval_conv2d_backward", &robprune::interval_conv2d_backward);
-}
-
-static void register_crown_ops(torch::Library& m) {
-  m.impl("crown_relu_backward", &robprune::crown_relu_backward);
-  m.impl("crown_relu_backward_grad", &robprune::crown_relu_backward_grad);
-  m.impl("crown_linear_backward", &robprune::crown_linear_backward);
-  m.impl("crown_linear_backward_grad", &robprune::crown_linear_backward_grad);
-  m.impl("crown_conv2d_backward", &robprune::crown_conv2d_backward);
-  m.impl("crown_conv2d_backward_grad", &robprune::crown_conv2d_backward_grad);
-}
-
-static void register_sparse_ops(torch::Library& m) {
-  m.impl("masked_linear", &robprune::masked_linear);
-  m.impl("masked_linear_backward", &robprune::masked_linear_backward);
-  m.impl("masked_conv2d", &robprune::masked_conv2d);
-  m.impl("masked_conv2d_backward", &robprune::masked_conv2d_backward);
-}
-
-// The compressed path: CPU kernels (SIMD, or the generic ones under ROBPRUNE_SIMD=generic) and,
-// in a CUDA build, the generic kernels on the GPU (csrc/sparse/sparse_generic.h).
-static void register_compressed_ops(torch::Library& m) {
-  m.impl("sparse_linear", &robprune::sparse_linear);
-  m.impl("sparse_linear_t", &robprune::sparse_linear_t);
-  m.impl("sparse_linear_values_grad", &robprune::sparse_linear_values_grad);
-  m.impl("sparse_linear_backward", &robprune::sparse_linear_backward);
-  m.impl("sparse_conv2d", &robprune::sparse_conv2d);
-  m.impl("sparse_conv2d_t", &robprune::sparse_conv2d_t);
-  m.impl("sparse_conv2d_values_grad", &robprune::sparse_conv2d_values_grad);
-  m.impl("sparse_interval_linear", &robprune::sparse_interval_linear);
-  m.impl("sparse_interval_linear_backward", &robprune::sparse_interval_linear_backward);
-  m.impl("sparse_interval_conv2d", &robprune::sparse_interval_conv2d);
-  m.impl("sparse_interval_conv2d_backward", &robprune::sparse_interval_conv2d_backward);
-}
-
+// from the input's device (csrc/<family>/<family>_ops.cpp), so both registrations are this list.
+// Every op is registered under its function's name, which the macro writes once for both.
+#define ROBPRUNE_IMPL(op) m.impl(#op, &robprune::op)
 static void register_ops(torch::Library& m) {
-  register_interval_ops(m);
-  register_crown_ops(m);
-  register_sparse_ops(m);
-  register_compressed_ops(m);
+  // The interval family.
+  ROBPRUNE_IMPL(masked_weight_pair);
+  ROBPRUNE_IMPL(input_box);
+  ROBPRUNE_IMPL(relu_box_);
+  ROBPRUNE_IMPL(interval_linear);
+  ROBPRUNE_IMPL(interval_linear_backward);
+  ROBPRUNE_IMPL(interval_conv2d);
+  ROBPRUNE_IMPL(interval_conv2d_backward);
+  // CROWN's backward steps.
+  ROBPRUNE_IMPL(crown_relu_backward);
+  ROBPRUNE_IMPL(crown_relu_backward_grad);
+  ROBPRUNE_IMPL(crown_linear_backward);
+  ROBPRUNE_IMPL(crown_linear_backward_grad);
+  ROBPRUNE_IMPL(crown_conv2d_backward);
+  ROBPRUNE_IMPL(crown_conv2d_backward_grad);
+  // The sparse family's dense path.
+  ROBPRUNE_IMPL(masked_linear);
+  ROBPRUNE_IMPL(masked_linear_backward);
+  ROBPRUNE_IMPL(masked_conv2d);
+  ROBPRUNE_IMPL(masked_conv2d_backward);
+  // The compressed path: CPU kernels (SIMD, or the generic ones under ROBPRUNE_SIMD=generic) and,
+  // in a CUDA build, the generic kernels on the GPU (csrc/sparse/sparse_generic.h).
+  ROBPRUNE_IMPL(sparse_linear);
+  ROBPRUNE_IMPL(sparse_linear_t);
+  ROBPRUNE_IMPL(sparse_linear_values_grad);
+  ROBPRUNE_IMPL(sparse_linear_backward);
+  ROBPRUNE_IMPL(sparse_conv2d);
+  ROBPRUNE_IMPL(sparse_conv2d_t);
+  ROBPRUNE_IMPL(sparse_conv2d_values_grad);
+  ROBPRUNE_IMPL(sparse_interval_linear);
+  ROBPRUNE_IMPL(sparse_interval_linear_backward);
+  ROBPRUNE_IMPL(sparse_interval_conv2d);
+  ROBPRUNE_IMPL(sparse_interval_conv2d_backward);
 }
+#undef ROBPRUNE_IMPL
 
 TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_ops(m); }
 

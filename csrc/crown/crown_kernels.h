@@ -88,6 +88,17 @@ crown::LinesAt<T, UPPER, SHARED> lines_at(const at::Tensor& lower, const at::Ten
   return {buffer.const_data_ptr<T>(), nullptr, n};
 }
 
+// Runs fn(T{}, side, shared, lines) for a pass over A (Ba, S, N): dispatch's arguments, the rows
+// sharing lines from kSharedLinesFromSpecs rows up, and the lines the pass reads (lines_at).
+template <class Backend, class Fn>
+void with_lines(const at::Tensor& A, const at::Tensor& lower, const at::Tensor& upper, bool upper_side, Fn&& fn) {
+  dispatch(A, upper_side, A.size(1) >= kSharedLinesFromSpecs, [&](auto tag, auto side, auto share) {
+    at::Tensor buffer;
+    fn(tag, side, share,
+       lines_at<Backend, decltype(tag), decltype(side)::value, decltype(share)::value>(lower, upper, buffer));
+  });
+}
+
 }  // namespace crown_detail
 
 template <class Backend>
@@ -99,12 +110,10 @@ std::tuple<at::Tensor, at::Tensor> CrownKernels<Backend>::relu_step(const at::Te
   at::Tensor out = at::empty({batch, specs, neurons}, A.options());
   at::Tensor bias = at::empty({batch, specs}, A.options());
   const bool broadcast = A.size(0) == 1 && batch != 1;
-  const bool shared = specs >= crown_detail::kSharedLinesFromSpecs;
-  crown_detail::dispatch(A, upper_side, shared, [&](auto tag, auto side, auto share) {
+  crown_detail::with_lines<Backend>(A, lower, upper, upper_side,
+                                    [&](auto tag, auto side, auto share, const auto& lines) {
     using T = decltype(tag);
     constexpr bool UPPER = decltype(side)::value, SHARED = decltype(share)::value;
-    at::Tensor buffer;
-    const auto lines = crown_detail::lines_at<Backend, T, UPPER, SHARED>(lower, upper, buffer);
     Backend::rows_sum(batch * specs, neurons,
                       crown::ReluStep<T, UPPER, SHARED>{A.const_data_ptr<T>(), lines, out.data_ptr<T>(),
                                                         specs, neurons, broadcast},
@@ -125,12 +134,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> CrownKernels<Backend>::relu_step_
   at::Tensor grad_upper = specs ? at::empty_like(upper) : at::zeros_like(upper);
   if (specs == 0) return {grad_A, grad_lower, grad_upper};
   const bool broadcast = A.size(0) == 1 && batch != 1;
-  const bool shared = specs >= crown_detail::kSharedLinesFromSpecs;
-  crown_detail::dispatch(A, upper_side, shared, [&](auto tag, auto side, auto share) {
+  crown_detail::with_lines<Backend>(A, lower, upper, upper_side,
+                                    [&](auto tag, auto side, auto share, const auto& lines) {
     using T = decltype(tag);
     constexpr bool UPPER = decltype(side)::value, SHARED = decltype(share)::value;
-    at::Tensor buffer;
-    const auto lines = crown_detail::lines_at<Backend, T, UPPER, SHARED>(lower, upper, buffer);
     T *gl = grad_lower.data_ptr<T>(), *gu = grad_upper.data_ptr<T>();
     Backend::for_each_nested(
         batch, specs, neurons,

@@ -84,14 +84,6 @@ std::vector<int64_t> out_shape(const at::Tensor& lower, int64_t specs) {
 
 // --- through an affine layer ---
 
-void check_step_args(const at::Tensor& A, const at::Tensor& weight,
-                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
-                     const c10::optional<at::Tensor>& weight_pair, int64_t weight_dim) {
-  check_float(A, "A");
-  check_layer_weights(weight, bias, mask, weight_pair, weight_dim, A, "A");
-  if (weight_pair) check_weight_pair(*weight_pair, weight, mask);
-}
-
 void check_grads(const at::Tensor& grad_A_out, const at::Tensor& grad_bias_term,
                  const at::Tensor& A, int64_t out_numel, int64_t rows, const char* op) {
   check_like(grad_A_out, "grad_A_out", A, "A");
@@ -239,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_backward_grad(
 std::tuple<at::Tensor, at::Tensor> crown_linear_backward(
     const at::Tensor& A, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight_pair) {
-  check_step_args(A, weight, bias, mask, weight_pair, 2);
+  check_layer_args(A, "A", weight, bias, mask, weight_pair, 2);
   const int64_t rows = linear_rows(A, weight);
   auto [out, term] = step(LinearAdjointContraction{}, A.reshape({rows, weight.size(0)}).contiguous(),
                           weight, bias, mask, weight_pair);
@@ -252,7 +244,7 @@ Grads4 crown_linear_backward_grad(const at::Tensor& grad_A_out, const at::Tensor
                                   const c10::optional<at::Tensor>& mask,
                                   const c10::optional<at::Tensor>& weight_pair,
                                   std::array<bool, 4> output_mask) {
-  check_step_args(A, weight, bias, mask, weight_pair, 2);
+  check_layer_args(A, "A", weight, bias, mask, weight_pair, 2);
   const int64_t rows = linear_rows(A, weight), in = weight.size(1);
   check_grads(grad_A_out, grad_bias_term, A, rows * in, rows, "crown_linear_backward");
   auto grads = step_grad(LinearAdjointContraction{}, grad_A_out.reshape({rows, in}).contiguous(),
@@ -268,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> crown_conv2d_backward(
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight_pair,
     at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups) {
-  check_step_args(A, weight, bias, mask, weight_pair, 4);
+  check_layer_args(A, "A", weight, bias, mask, weight_pair, 4);
   const Conv2dContraction k = conv_adjoint(A, weight, input_size, stride, padding, dilation, groups);
   const at::Tensor rows = conv_rows(A);
   auto [out, term] = step(k, rows, weight, bias, mask, weight_pair);
@@ -284,7 +276,7 @@ Grads4 crown_conv2d_backward_grad(const at::Tensor& grad_A_out, const at::Tensor
                                   at::IntArrayRef input_size, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups, std::array<bool, 4> output_mask) {
-  check_step_args(A, weight, bias, mask, weight_pair, 4);
+  check_layer_args(A, "A", weight, bias, mask, weight_pair, 4);
   const Conv2dContraction k = conv_adjoint(A, weight, input_size, stride, padding, dilation, groups);
   const at::Tensor rows = conv_rows(A);
   const int64_t n = rows.size(0), c_in = weight.size(1) * groups;

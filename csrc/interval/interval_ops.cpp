@@ -167,6 +167,14 @@ void check_weight_pair(const at::Tensor& weight_pair, const at::Tensor& weight,
   pair_registry().record(weight_pair, weight, mask);
 }
 
+void check_layer_args(const at::Tensor& x, const char* x_name, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
+                      const c10::optional<at::Tensor>& weight_pair, int64_t weight_dim) {
+  check_float(x, x_name);
+  check_layer_weights(weight, bias, mask, weight_pair, weight_dim, x, x_name);
+  if (weight_pair) check_weight_pair(*weight_pair, weight, mask);
+}
+
 std::size_t recorded_weight_pairs() { return pair_registry().size(); }
 
 std::tuple<at::Tensor, at::Tensor> masked_weight_grad(const at::Tensor& grad_effective,

@@ -37,6 +37,13 @@ at::Tensor masked_weight_pair(const at::Tensor& weight, const c10::optional<at::
 void check_weight_pair(const at::Tensor& weight_pair, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& mask);
 
+// The checks of a layer op whose input x (named x_name) is one tensor: x a floating tensor, the
+// layer's weight (weight_dim-D), bias, mask and weight_pair against it (check_layer_weights), and
+// check_weight_pair.
+void check_layer_args(const at::Tensor& x, const char* x_name, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
+                      const c10::optional<at::Tensor>& weight_pair, int64_t weight_dim);
+
 // How many pairs the registry holds (for tests: it must not grow without bound).
 std::size_t recorded_weight_pairs();
 

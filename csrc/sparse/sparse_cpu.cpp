@@ -643,6 +643,15 @@ void with_isa(F&& f) {
   }
 }
 
+// with_isa for the kernels of a Product or Dot: f(Isa tag, interval as std::bool_constant).
+template <class F>
+void with_isa_interval(bool interval, F&& f) {
+  with_isa([&](auto isa) {
+    if (interval) f(isa, std::true_type{});
+    else f(isa, std::false_type{});
+  });
+}
+
 // f(Int<k>) for k, a power of two up to MAX (the largest such power below k when k is not).
 template <int MAX, class F>
 void with_pow2(int k, F&& f) {
@@ -762,10 +771,8 @@ void SparseKernels<CpuBackend>::product(const Product<T>& p) {
       for (int32_t e = 0; e < p.start[p.channels]; ++e) p.dw[p.perm[e]] = T(0);
     return;
   }
-  with_isa([&](auto isa) {
-    using I = decltype(isa);
-    if (p.interval) run_product<I, T, true>(p);
-    else run_product<I, T, false>(p);
+  with_isa_interval(p.interval, [&](auto isa, auto interval) {
+    run_product<decltype(isa), T, decltype(interval)::value>(p);
   });
 }
 
@@ -774,10 +781,8 @@ template <class T>
 void SparseKernels<CpuBackend>::dot(const Dot<T>& p) {
   if (generic()) return Generic::dot(p);
   if (p.channels == 0) return;
-  with_isa([&](auto isa) {
-    using I = decltype(isa);
-    if (p.interval) run_dot<I, T, true>(p);
-    else run_dot<I, T, false>(p);
+  with_isa_interval(p.interval, [&](auto isa, auto interval) {
+    run_dot<decltype(isa), T, decltype(interval)::value>(p);
   });
 }
 
@@ -830,19 +835,11 @@ bool SparseKernels<CpuBackend>::in_range(const int32_t* index, int64_t n, int64_
   return ok.load();
 }
 
-template void SparseKernels<CpuBackend>::product<float>(const Product<float>&);
-template void SparseKernels<CpuBackend>::product<double>(const Product<double>&);
-template void SparseKernels<CpuBackend>::dot<float>(const Dot<float>&);
-template void SparseKernels<CpuBackend>::dot<double>(const Dot<double>&);
-template bool SparseKernels<CpuBackend>::pack<float>(const Pack<float>&);
-template bool SparseKernels<CpuBackend>::pack<double>(const Pack<double>&);
+ROBPRUNE_SPARSE_KERNELS_FOR(CpuBackend, float)
+ROBPRUNE_SPARSE_KERNELS_FOR(CpuBackend, double)
 // The generic kernels the CPU has no SIMD twin of.
 template bool SparseKernels<CpuBackend>::pointers_valid(const int32_t*, int64_t, int64_t);
 template void SparseKernels<CpuBackend>::forward_offsets(const ConvIndex&, int64_t*);
 template void SparseKernels<CpuBackend>::transposed_counts(const ConvIndex&, int32_t*);
-template void SparseKernels<CpuBackend>::transposed_entries<float>(const ConvIndex&, const float*, const int32_t*,
-                                                                   int64_t, float*, int64_t*);
-template void SparseKernels<CpuBackend>::transposed_entries<double>(const ConvIndex&, const double*, const int32_t*,
-                                                                    int64_t, double*, int64_t*);
 
 }  // namespace robprune

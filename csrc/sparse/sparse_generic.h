@@ -300,20 +300,11 @@ struct GenericSparseKernels {
     });
     if (!p.dw) return;
     // The weights' gradient that rides along (sparse_kernels.h): a Dot of the channels' own rows
-    // (self) with the entries' input rows, in a pass of its own.
+    // (self) with the entries' input rows, in a pass of its own (one-row planes, no interval).
     Dot<T> d;
-    d.channels = p.channels;
-    d.cols = p.cols;
-    d.start = p.start;
-    d.entries = p.entries;
+    static_cast<EntryLists<T>&>(d) = p;
     d.g = p.self;
     d.g_channel = p.self_row;
-    d.in = p.in;
-    d.indexed = true;
-    d.index = p.index;
-    d.index_stride = p.index_stride;
-    d.perm = p.perm;
-    d.dw = p.dw;
     dot(d);
   }
 

@@ -31,9 +31,32 @@
 
 namespace robprune {
 
+// What a Product and a Dot share: the channels' entry lists and the operand the entries read.
+// Channel o's entries are [start[o], start[o + 1]); entry e reads its region (rows x cols) of
+// image n of `in` (and of in1 with interval) at off[e], rows in_row apart, images in_image apart.
+// One-row planes (a linear layer: one image, one row) may give index instead of off (indexed):
+// entry e reads input row index[e], at offset index[e] * index_stride. A weights' gradient
+// (dw, [entries]) stores entry e's at dw[perm[e]] where perm is given (a CSC walked for
+// CSR-ordered values), else at dw[e].
+template <class T>
+struct EntryLists {
+  int64_t images = 1, channels = 0, rows = 1, cols = 0;
+  const int32_t* start = nullptr;  // [channels + 1]
+  int64_t entries = 0;             // start[channels], which a device's kernels cannot read on the host
+  const int64_t* off = nullptr;    // [entries]
+  const T* in = nullptr;
+  const T* in1 = nullptr;
+  int64_t in_image = 0, in_row = 0;
+  bool interval = false;
+  bool indexed = false;
+  const int32_t* index = nullptr;
+  int64_t index_stride = 0;
+  const int32_t* perm = nullptr;
+  T* dw = nullptr;
+};
+
 // out[n, o] = bias[o] + sum_{e in o's entries} w[e] * in[n][off[e] + region] over the region
-// (rows x cols) of plane (n, o): in a plane of `in` the region starts at off[e] and its rows are
-// in_row apart. With interval, a second product runs in the same pass over the entries:
+// of plane (n, o). With interval, a second product runs in the same pass over the entries:
 // out1 = sum |w[e]| in1[...] (the radius of a box; the bias goes to out, the centre), and
 // out_bounds stores (out - out1, out + out1) instead (a box's lower and upper bound).
 //
@@ -42,36 +65,23 @@ namespace robprune {
 // the extra lanes away; without it, they read exactly the region (slower tails). The generic
 // kernels read exactly the region either way.
 template <class T>
-struct Product {
-  int64_t images = 1, channels = 0, rows = 1, cols = 0;
-  const int32_t* start = nullptr;  // [channels + 1]: channel o's entries are [start[o], start[o+1])
-  int64_t entries = 0;             // start[channels], which a device's kernels cannot read on the host
-  const T* w = nullptr;            // [entries]
-  const int64_t* off = nullptr;    // [entries]
-  const T* in = nullptr;
-  const T* in1 = nullptr;
-  int64_t in_image = 0, in_row = 0;
+struct Product : EntryLists<T> {
+  const T* w = nullptr;  // [entries]
   T* out = nullptr;
   T* out1 = nullptr;
   int64_t out_image = 0, out_channel = 0, out_row = 0;
   const T* bias = nullptr;  // [channels] or null
-  bool interval = false, out_bounds = false, overread = false;
-  // One-row planes (a linear layer: one image, one row) give index instead of off: entry e
-  // reads input row index[e], at offset index[e] * index_stride. The kernel then walks the
-  // batch in chunks that keep the input in cache, and writes the result transposed: element
-  // (o, c) at out[c * out_row + o], the layer's (batch, features) layout.
-  bool indexed = false;
-  const int32_t* index = nullptr;
-  int64_t index_stride = 0;
+  bool out_bounds = false, overread = false;
+  // Indexed, the kernel walks the batch in chunks that keep the input in cache, and writes the
+  // result transposed: element (o, c) at out[c * out_row + o], the layer's (batch, features)
+  // layout.
   int64_t index_rows = 0;  // rows of the input (of each operand), which sizes the chunks
   // Optional, for one-row planes without interval: in the same pass, the dot product of every
   // entry's input row with its channel's own row of `self` (channel o's at self + o * self_row),
-  // stored to dw[perm[e]]. A linear layer's input gradient (in: the output gradient, channels:
-  // the inputs over the CSC) thus also gives its weights' gradient (self: the layer's input).
+  // stored to dw. A linear layer's input gradient (in: the output gradient, channels: the inputs
+  // over the CSC) thus also gives its weights' gradient (self: the layer's input).
   const T* self = nullptr;
   int64_t self_row = 0;
-  T* dw = nullptr;
-  const int32_t* perm = nullptr;
 };
 
 // The gradient of a Product with respect to its entries' values, given the gradient g of its
@@ -79,26 +89,11 @@ struct Product {
 // same sum of g1 and in1 with interval: the radius product multiplies by |w|). Reads exactly
 // the region of both operands (no overread).
 template <class T>
-struct Dot {
-  int64_t images = 1, channels = 0, rows = 1, cols = 0;
-  const int32_t* start = nullptr;
-  int64_t entries = 0;  // start[channels]
-  const T* w = nullptr;  // read for its sign with interval only
-  const int64_t* off = nullptr;
+struct Dot : EntryLists<T> {
+  const T* w = nullptr;  // read for its sign with interval only; entry e's is w[perm[e]] with perm
   const T* g = nullptr;
   const T* g1 = nullptr;
   int64_t g_image = 0, g_channel = 0, g_row = 0;
-  const T* in = nullptr;
-  const T* in1 = nullptr;
-  int64_t in_image = 0, in_row = 0;
-  T* dw = nullptr;  // [entries]
-  bool interval = false;
-  // As Product's (indexed): offsets index[e] * index_stride instead of off; entry e's weight
-  // w[perm[e]] and its gradient dw[perm[e]] (a CSC walked for CSR-ordered values).
-  bool indexed = false;
-  const int32_t* index = nullptr;
-  int64_t index_stride = 0;
-  const int32_t* perm = nullptr;
 };
 
 // What a Pack computes per element pair, from (x0, x1) to (y0, y1): a copy of one operand; an
@@ -180,6 +175,15 @@ bool SparseKernels<CpuBackend>::sorted_segments(const int32_t* ptr, int64_t segm
                                                  int64_t entries, int64_t limit);
 template <>
 bool SparseKernels<CpuBackend>::in_range(const int32_t* index, int64_t n, int64_t limit);
+
+// The explicit instantiations, for one dtype T, of the member templates every backend's
+// translation unit (sparse_cpu.cpp, sparse_cuda.cu) defines or takes from sparse_generic.h.
+#define ROBPRUNE_SPARSE_KERNELS_FOR(Backend, T)                                                   \
+  template void SparseKernels<Backend>::product<T>(const Product<T>&);                            \
+  template void SparseKernels<Backend>::dot<T>(const Dot<T>&);                                    \
+  template bool SparseKernels<Backend>::pack<T>(const Pack<T>&);                                  \
+  template void SparseKernels<Backend>::transposed_entries<T>(const ConvIndex&, const T*, const int32_t*, \
+                                                              int64_t, T*, int64_t*);
 
 // Runs f(SparseKernels<Backend>{}) with the kernels of t's device, that device current (the
 // CUDA kernels run on the current device's stream, which must be the data's).

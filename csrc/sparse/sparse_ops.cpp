@@ -25,18 +25,11 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/accumulate.h>
 
+#include <string>
 #include <vector>
 
 namespace robprune {
 namespace {
-
-void check_masked_args(const at::Tensor& x, const at::Tensor& weight,
-                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
-                       const c10::optional<at::Tensor>& weight_pair, int64_t weight_dim) {
-  check_float(x, "x");
-  check_layer_weights(weight, bias, mask, weight_pair, weight_dim, x, "x");
-  if (weight_pair) check_weight_pair(*weight_pair, weight, mask);
-}
 
 // x (*, in_features) checked against the weight; returns the rows its leading dimensions hold
 // (never numel / in_features, which has no answer for in_features = 0).
@@ -78,7 +71,7 @@ Grads4 backward(const Contraction& k, const at::Tensor& grad, const at::Tensor& 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
                          const c10::optional<at::Tensor>& weight_pair) {
-  check_masked_args(x, weight, bias, mask, weight_pair, 2);
+  check_layer_args(x, "x", weight, bias, mask, weight_pair, 2);
   const int64_t rows = linear_rows(x, weight);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(weight.size(0));
@@ -91,7 +84,7 @@ Grads4 masked_linear_backward(const at::Tensor& grad, const at::Tensor& x, const
                               const c10::optional<at::Tensor>& mask,
                               const c10::optional<at::Tensor>& weight_pair,
                               std::array<bool, 4> output_mask) {
-  check_masked_args(x, weight, c10::nullopt, mask, weight_pair, 2);
+  check_layer_args(x, "x", weight, c10::nullopt, mask, weight_pair, 2);
   check_like(grad, "grad", x, "x");
   const int64_t rows = linear_rows(x, weight);
   TORCH_CHECK(grad.dim() == x.dim() && grad.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
@@ -108,7 +101,7 @@ at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask,
                          const c10::optional<at::Tensor>& weight_pair, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  check_masked_args(x, weight, bias, mask, weight_pair, 4);
+  check_layer_args(x, "x", weight, bias, mask, weight_pair, 4);
   return conv(x, weight, stride, padding, dilation, groups)
       .forward(x, effective_weight(weight, mask, weight_pair), bias);
 }
@@ -118,7 +111,7 @@ Grads4 masked_conv2d_backward(const at::Tensor& grad, const at::Tensor& x, const
                               const c10::optional<at::Tensor>& weight_pair, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                               std::array<bool, 4> output_mask) {
-  check_masked_args(x, weight, c10::nullopt, mask, weight_pair, 4);
+  check_layer_args(x, "x", weight, c10::nullopt, mask, weight_pair, 4);
   check_like(grad, "grad", x, "x");
   const Conv2dContraction k = conv(x, weight, stride, padding, dilation, groups);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(0),
@@ -156,6 +149,20 @@ void check_box(const at::Tensor& center, const at::Tensor& radius) {
   check_same_shape(radius, "radius", center, "center");
 }
 
+// The checks of a compressed linear layer's input x (N, in_features) (named x_name), values,
+// bias and CSR (out_features rows); returns the CSR.
+Csr check_linear_args(const at::Tensor& x, const char* x_name, const at::Tensor& values,
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& row_ptr, const at::Tensor& col,
+                      int64_t out_features) {
+  check_dim(x, x_name, 2, "(N, in_features)");
+  check_values(values, x, x_name);
+  TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
+  check_bias(bias, out_features, x, x_name);
+  const std::string in_features = c10::str("in_features = ", x_name, ".size(1)");
+  return check_csr(row_ptr, col, values.numel(), out_features, x.size(1), "out_features", in_features.c_str(), x,
+                   x_name);
+}
+
 // The gradients of an op's two outputs, each shaped like `shape`.
 void check_grads(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& ref, at::IntArrayRef shape,
                  const char* op) {
@@ -180,21 +187,28 @@ PackOp box_op(bool relu_in, bool check_radius) {
   return relu_in ? PackOp::kReluBox : check_radius ? PackOp::kCheckBox : PackOp::kCopy;
 }
 
-// A Product over batch-contiguous rows (a linear layer or its transpose): `channels` one-row
-// planes of n columns, written to out (and out1) as (n, channels), the layer's layout. Channel
-// o's entries are [ptr[o], ptr[o + 1]), entry e reads input row index[e] with weight w[e].
+// The entry lists of a Product or a Dot over batch-contiguous rows: `channels` one-row planes
+// of n columns, channel o's entries [ptr[o], ptr[o + 1]), entry e reading row index[e] (rows ld
+// apart).
 template <class T>
-void batch_product(const at::Tensor& ptr, const at::Tensor& index, int64_t in_rows, const at::Tensor& w,
-                   const Batch& in, int64_t n, T* out, T* out1, const T* bias, bool out_bounds) {
-  Product<T> p;
+void set_batch_entries(EntryLists<T>& p, const at::Tensor& ptr, const at::Tensor& index, int64_t ld, int64_t n) {
   p.channels = ptr.numel() - 1;
   p.cols = n;
   p.start = ptr.const_data_ptr<int32_t>();
   p.entries = index.numel();
-  p.w = w.const_data_ptr<T>();
   p.indexed = true;
   p.index = index.const_data_ptr<int32_t>();
-  p.index_stride = in.ld;
+  p.index_stride = ld;
+}
+
+// A Product over batch-contiguous rows (a linear layer or its transpose), entry e reading input
+// row index[e] with weight w[e], written to out (and out1) as (n, channels), the layer's layout.
+template <class T>
+Product<T> batch_problem(const at::Tensor& ptr, const at::Tensor& index, int64_t in_rows, const at::Tensor& w,
+                         const Batch& in, int64_t n, T* out, T* out1, const T* bias, bool out_bounds) {
+  Product<T> p;
+  set_batch_entries(p, ptr, index, in.ld, n);
+  p.w = w.const_data_ptr<T>();
   p.index_rows = in_rows;
   p.in = data<T>(in.rows.a);
   p.in1 = data<T>(in.rows.b);
@@ -205,6 +219,13 @@ void batch_product(const at::Tensor& ptr, const at::Tensor& index, int64_t in_ro
   p.interval = in.rows.b.defined();
   p.out_bounds = out_bounds;
   p.overread = true;
+  return p;
+}
+
+template <class T>
+void batch_product(const at::Tensor& ptr, const at::Tensor& index, int64_t in_rows, const at::Tensor& w,
+                   const Batch& in, int64_t n, T* out, T* out1, const T* bias, bool out_bounds) {
+  const Product<T> p = batch_problem<T>(ptr, index, in_rows, w, in, n, out, out1, bias, out_bounds);
   with_kernels(ptr, [&](auto k) { decltype(k)::product(p); });
 }
 
@@ -216,14 +237,8 @@ void batch_product(const at::Tensor& ptr, const at::Tensor& index, int64_t in_ro
 template <class T>
 void batch_dot(const Csc& csc, const Batch& g, const Batch& x, int64_t n, const at::Tensor& values, T* dw) {
   Dot<T> p;
-  p.channels = csc.col_ptr.numel() - 1;
-  p.cols = n;
-  p.start = csc.col_ptr.const_data_ptr<int32_t>();
-  p.entries = csc.row.numel();
+  set_batch_entries(p, csc.col_ptr, csc.row, g.ld, n);
   p.w = data<T>(values);
-  p.indexed = true;
-  p.index = csc.row.const_data_ptr<int32_t>();
-  p.index_stride = g.ld;
   p.perm = csc.csc_to_csr.const_data_ptr<int32_t>();
   p.g = data<T>(x.rows.a);
   p.g1 = data<T>(x.rows.b);
@@ -240,12 +255,7 @@ void batch_dot(const Csc& csc, const Batch& g, const Batch& x, int64_t n, const 
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& row_ptr, const at::Tensor& col, int64_t out_features) {
   check_float(x, "x");
-  check_dim(x, "x", 2, "(N, in_features)");
-  check_values(values, x, "x");
-  TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
-  check_bias(bias, out_features, x, "x");
-  const Csr csr = check_csr(row_ptr, col, values.numel(), out_features, x.size(1), "out_features",
-                            "in_features = x.size(1)", x, "x");
+  const Csr csr = check_linear_args(x, "x", values, bias, row_ptr, col, out_features);
   const Batch in = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
@@ -312,20 +322,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad
   const at::Tensor w = csc_values(csc, values);
   at::Tensor g_x = at::empty({n, in_features}, x.options()), g_v = at::empty({values.numel()}, values.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "robprune_sparse_linear_backward", [&] {
-    Product<scalar_t> p;
-    p.channels = in_features;
-    p.cols = n;
-    p.start = csc.col_ptr.const_data_ptr<int32_t>();
-    p.entries = csc.row.numel();
-    p.w = w.const_data_ptr<scalar_t>();
-    p.indexed = true;
-    p.index = csc.row.const_data_ptr<int32_t>();
-    p.index_stride = g.ld;
-    p.index_rows = out_features;
-    p.in = data<scalar_t>(g.rows.a);
-    p.out = mutable_data<scalar_t>(g_x);
-    p.out_row = in_features;
-    p.overread = true;
+    // sparse_linear_t's product, with the values' gradient riding along (sparse_kernels.h).
+    Product<scalar_t> p = batch_problem<scalar_t>(csc.col_ptr, csc.row, out_features, w, g, n,
+                                                  mutable_data<scalar_t>(g_x), nullptr, nullptr, false);
     p.self = data<scalar_t>(xb.rows.a);
     p.self_row = xb.ld;
     p.dw = mutable_data<scalar_t>(g_v);
@@ -340,12 +339,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_interval_linear(
     const c10::optional<at::Tensor>& bias, const at::Tensor& row_ptr, const at::Tensor& col,
     int64_t out_features, bool relu_in, bool out_bounds, bool check_radius) {
   check_box(center, radius);
-  check_dim(center, "center", 2, "(N, in_features)");
-  check_values(values, center, "center");
-  TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
-  check_bias(bias, out_features, center, "center");
-  const Csr csr = check_csr(row_ptr, col, values.numel(), out_features, center.size(1), "out_features",
-                            "in_features = center.size(1)", center, "center");
+  const Csr csr = check_linear_args(center, "center", values, bias, row_ptr, col, out_features);
   const int64_t n = center.size(0);
   const Batch in = batch_rows(center, radius, box_op(relu_in, check_radius), Scratch::kInput);
   TORCH_CHECK(!(check_radius && in.rows.bad), kRadiusMessage);
@@ -477,22 +471,35 @@ Entries transposed_entries(const Csc& csc, const at::Tensor& values, const ConvL
   return {start, w, off};
 }
 
-template <class T>
-void forward_product(const Entries& en, const ConvLayout& l, const Planes& in, T* out, T* out1, const T* bias,
-                     bool out_bounds) {
-  Product<T> p;
+// The entry lists of a Product or a Dot (P) over a convolution, with their weights: the entries
+// en, reading the planes `in` (images in_image apart, rows in_row apart).
+template <class T, class P>
+void set_plane_entries(P& p, const Entries& en, const Planes& in, int64_t in_image, int64_t in_row) {
+  p.start = en.start.const_data_ptr<int32_t>();
+  p.entries = en.off.numel();
+  p.w = data<T>(en.w);
+  p.off = en.off.const_data_ptr<int64_t>();
+  p.in = data<T>(in.a);
+  p.in1 = data<T>(in.b);
+  p.in_image = in_image;
+  p.in_row = in_row;
+}
+
+// The same for the forward entries: the layer's output planes, reading its input planes.
+template <class T, class P>
+void set_forward_entries(P& p, const Entries& en, const ConvLayout& l, const Planes& in) {
   p.images = l.images;
   p.channels = l.out_channels;
   p.rows = l.h.out();
   p.cols = l.w.out();
-  p.start = en.start.const_data_ptr<int32_t>();
-  p.entries = en.off.numel();
-  p.w = en.w.const_data_ptr<T>();
-  p.off = en.off.const_data_ptr<int64_t>();
-  p.in = data<T>(in.a);
-  p.in1 = data<T>(in.b);
-  p.in_image = l.in_channels * l.phases() * l.plane_q();
-  p.in_row = l.cols_q();
+  set_plane_entries<T>(p, en, in, l.in_channels * l.phases() * l.plane_q(), l.cols_q());
+}
+
+template <class T>
+void forward_product(const Entries& en, const ConvLayout& l, const Planes& in, T* out, T* out1, const T* bias,
+                     bool out_bounds) {
+  Product<T> p;
+  set_forward_entries<T>(p, en, l, in);
   p.out = out;
   p.out1 = out1;
   p.out_image = l.out_channels * p.rows * p.cols;
@@ -519,14 +526,7 @@ void transposed_product(const Entries& en, const ConvLayout& l, const Planes& g,
   p.channels = direct ? l.in_channels : l.in_channels * l.phases();
   p.rows = direct ? l.h.in : l.rows_q();
   p.cols = direct ? l.w.in : l.cols_q();
-  p.start = en.start.const_data_ptr<int32_t>();
-  p.entries = en.off.numel();
-  p.w = en.w.const_data_ptr<T>();
-  p.off = en.off.const_data_ptr<int64_t>();
-  p.in = data<T>(g.a);
-  p.in1 = data<T>(g.b);
-  p.in_image = l.out_channels * l.plane_g();
-  p.in_row = l.cols_g();
+  set_plane_entries<T>(p, en, g, l.out_channels * l.plane_g(), l.cols_g());
   p.out = out;
   p.out1 = out1;
   p.out_channel = p.rows * p.cols;
@@ -588,23 +588,12 @@ template <class T>
 void forward_dot(const Entries& en, const ConvLayout& l, const T* g, const T* g1, int64_t g_image, int64_t g_channel,
                  int64_t g_row, const Planes& in, T* dw) {
   Dot<T> p;
-  p.images = l.images;
-  p.channels = l.out_channels;
-  p.rows = l.h.out();
-  p.cols = l.w.out();
-  p.start = en.start.const_data_ptr<int32_t>();
-  p.entries = en.off.numel();
-  p.w = data<T>(en.w);
-  p.off = en.off.const_data_ptr<int64_t>();
+  set_forward_entries<T>(p, en, l, in);
   p.g = g;
   p.g1 = g1;
   p.g_image = g_image;
   p.g_channel = g_channel;
   p.g_row = g_row;
-  p.in = data<T>(in.a);
-  p.in1 = data<T>(in.b);
-  p.in_image = l.in_channels * l.phases() * l.plane_q();
-  p.in_row = l.cols_q();
   p.dw = dw;
   p.interval = g1 != nullptr;
   with_kernels(en.off, [&](auto k) { decltype(k)::dot(p); });
