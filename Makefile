@@ -15,7 +15,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 FORCE_CUDA ?= $(if $(CUDA_HOME),1,0)
 BUILD_ENV := CUDA_HOME="$(CUDA_HOME)" FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=2
 
-.PHONY: all build test demo bench cmake clean
+.PHONY: all build test demo bench cmake compat clean
 
 all: test
 
@@ -55,5 +55,18 @@ cmake: $(VENV)/.packages
 	  a, b = torch.ops.robprune_fast.interval_linear(c, r, w, None, None, None, True, True); \
 	  assert bool((a <= b).all()), 'lower > upper'; print('cmake build OK:', _C.build_info())"
 
+# The GPU machines' torch (2.11, a CUDA build) in its own venv: the extension builds against it
+# (CPU kernels) and its failing checks raise. A GPU session finds out only after minutes of its
+# scarce time otherwise.
+COMPAT_PACKAGES := torch==2.11.0 numpy pytest expecttest ninja pybind11 setuptools safetensors
+compat:
+	test -x .venv-compat/bin/python || $(PYTHON) -m venv .venv-compat
+	.venv-compat/bin/python -m pip install --quiet $(COMPAT_PACKAGES)
+	FORCE_CUDA=0 MAX_JOBS=2 .venv-compat/bin/python setup.py --quiet build --build-base build-compat
+	PYTHONPATH=$$(echo $(CURDIR)/build-compat/lib*) OMP_NUM_THREADS=1 .venv-compat/bin/python scripts/throw_check.py
+	PYTHONPATH=$$(echo $(CURDIR)/build-compat/lib*) OMP_NUM_THREADS=1 .venv-compat/bin/python -m pytest -q \
+	  -p no:cacheprovider tests/test_errors_raise.py tests/test_sparse_errors.py tests/test_interval_linear.py \
+	  tests/test_sparse_linear.py
+
 clean:
-	rm -rf build build-cmake python/robprune_fast/*.so
+	rm -rf build build-cmake build-compat python/robprune_fast/*.so

@@ -138,7 +138,7 @@ Grads4 step_grad(const Contraction& k, const at::Tensor& G, const at::Tensor& g_
     g_A.add_(at::mul(g_term.view(term_shape), bias->view(bias_shape)));
   }
   at::Tensor g_bias;
-  if (need[2] && bias) g_bias = at::mv((A.dim() == 4 ? A.sum({2, 3}) : A).t(), g_term);
+  if (need[2] && bias) g_bias = at::mv((A.dim() == 4 ? A.sum(at::IntArrayRef{2, 3}) : A).t(), g_term);
   at::Tensor g_w, g_m;
   if (need_w && m) {
     std::tie(g_w, g_m) = masked_weight_grad(g_eff, w, m, need[1], need[3]);

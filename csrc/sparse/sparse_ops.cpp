@@ -729,7 +729,7 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
   const Planes g = gradient_planes(grad_a, grad_b, l, out_bounds ? PackOp::kBoundsGrad : PackOp::kCopy);
   at::Tensor g_c, g_r, g_v, g_bias;
   if (need[3])
-    g_bias = g.a.narrow(0, 0, l.images * l.out_channels * l.plane_g()).view({l.images, l.out_channels, -1}).sum({0, 2});
+    g_bias = g.a.narrow(0, 0, l.images * l.out_channels * l.plane_g()).view({l.images, l.out_channels, -1}).sum(at::IntArrayRef{0, 2});
   if (need[0] || need[1]) {
     const Entries en = transposed_entries(csc, values, l, writes_input(l) ? l.h.pad * l.cols_g() + l.w.pad : 0);
     const auto format = center.suggest_memory_format();
