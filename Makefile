@@ -55,14 +55,14 @@ cmake: $(VENV)/.packages
 	  a, b = torch.ops.robprune_fast.interval_linear(c, r, w, None, None, None, True, True); \
 	  assert bool((a <= b).all()), 'lower > upper'; print('cmake build OK:', _C.build_info())"
 
-# The GPU machines' torch (2.11, a CUDA build) in its own venv: the extension builds against it
-# (CPU kernels) and its failing checks raise. A GPU session finds out only after minutes of its
-# scarce time otherwise.
+# The GPU machines' torch (2.11) in its own venv: the extension builds against it (the CUDA
+# kernels too, as `build` compiles them) and its failing checks raise. A GPU session would find
+# a break only after minutes of its scarce time.
 COMPAT_PACKAGES := torch==2.11.0 numpy pytest expecttest ninja pybind11 setuptools safetensors
 compat:
 	test -x .venv-compat/bin/python || $(PYTHON) -m venv .venv-compat
 	.venv-compat/bin/python -m pip install --quiet $(COMPAT_PACKAGES)
-	FORCE_CUDA=0 MAX_JOBS=2 .venv-compat/bin/python setup.py --quiet build --build-base build-compat
+	$(BUILD_ENV) .venv-compat/bin/python setup.py --quiet build --build-base build-compat
 	PYTHONPATH=$$(echo $(CURDIR)/build-compat/lib*) OMP_NUM_THREADS=1 .venv-compat/bin/python scripts/throw_check.py
 	PYTHONPATH=$$(echo $(CURDIR)/build-compat/lib*) OMP_NUM_THREADS=1 .venv-compat/bin/python -m pytest -q \
 	  -p no:cacheprovider tests/test_errors_raise.py tests/test_sparse_errors.py tests/test_interval_linear.py \
