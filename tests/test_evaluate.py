@@ -145,9 +145,30 @@ def test_verification_uses_the_same_points(digits, trained):
         direct = bounds.verified_accuracy(trained, points.images.float() / 255, points.labels, eps,
                                           method)
         assert result["verified"][method]["acc"] == direct.verified_accuracy
+        assert result["verified"][method]["unstable"] == direct.unstable
+        assert result["verified"][method]["neurons"] == direct.neurons
     assert result["verified_but_attacked"] == 0  # a sound verifier is never contradicted
     assert 0 < result["verified"]["ibp"]["acc"] <= result["verified"]["crown-ibp"]["acc"] \
         <= result["pgd"]["acc"] <= result["benign_acc"]
+    # IBP leaves at least as many ReLUs unstable as CROWN-IBP's IBP stage does (the same boxes).
+    assert 0 < sum(result["verified"]["ibp"]["unstable"].values()) <= 100 * sum(
+        result["verified"]["ibp"]["neurons"].values())
+
+
+def test_float_images_in_the_unit_range_are_not_rescaled(digits, trained):
+    """A split may hold float pixels in [0, 1] (a user's own); only uint8 ones are divided by 255."""
+    points = digits.test.select(torch.arange(60))
+    floats = data.Split(points.images.float() / 255, points.labels)
+    a = evaluate.evaluate(trained, points, eps=0.02, pgd_steps=5, verify=("ibp",))
+    b = evaluate.evaluate(trained, floats, eps=0.02, pgd_steps=5, verify=("ibp",))
+    assert a["benign_acc"] == b["benign_acc"] > 0.5
+    assert a["verified"]["ibp"]["acc"] == b["verified"]["ibp"]["acc"]
+
+
+def test_verification_needs_the_linf_norm(digits, trained):
+    with pytest.raises(ValueError, match="verify needs norm='linf'"):
+        evaluate.evaluate(trained, digits.test, eps=0.5, n=20, pgd_steps=2, norm="l2",
+                          verify=("ibp",))
 
 
 def test_verified_but_attacked_counts_certified_points_pgd_broke(digits, trained, monkeypatch):
