@@ -117,6 +117,21 @@ def test_a_misclassified_point_is_never_robust(digits, trained, monkeypatch):
     assert result["pgd"]["acc"] == result["benign_acc"] == benign.float().mean().item()
 
 
+@pytest.mark.parametrize("step_size,norm,restarts", [(None, "linf", 1), (0.03, "l2", 3)])
+def test_the_attack_gets_the_settings_asked_for(digits, trained, monkeypatch, step_size, norm,
+                                                restarts):
+    """PGD runs with the steps, step (default 2.5 eps / steps), restarts and norm asked for."""
+    calls = []
+
+    def recording_pgd(model, x, y, eps, steps, step, restarts=1, norm="linf"):
+        calls.append((eps, steps, step, restarts, norm))
+        return x
+    monkeypatch.setattr(attacks, "pgd", recording_pgd)
+    evaluate.evaluate(trained, digits.test, eps=0.2, n=50, pgd_steps=8, step_size=step_size,
+                      pgd_restarts=restarts, norm=norm)
+    assert calls and all(c == (0.2, 8, step_size or 2.5 * 0.2 / 8, restarts, norm) for c in calls)
+
+
 def test_restarts_are_at_least_as_strong(digits, trained):
     """With one batch, the first restart is the single run's attack and the best one is kept."""
     points = digits.test.select(data.stratified_subset(digits.test, 200, seed=0))
