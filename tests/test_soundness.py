@@ -115,6 +115,27 @@ def test_parametrized_weights_are_read_through_their_parametrization():
         torch.testing.assert_close(upper, model(x), rtol=0, atol=1e-9)
 
 
+def test_verification_runs_the_model_in_its_own_dtype():
+    """A float64 model verified on float32 points: its own forward (which decides `correct`)
+    runs in float64, as the model would be used."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double().eval()
+    x = torch.rand(5, 4)
+    with torch.no_grad():
+        y = model(x.double()).argmax(1)
+    v = bounds.verified_accuracy(model, x, y, 0.001, "ibp")
+    assert v.correct.all()
+
+
+@pytest.mark.parametrize("which", ["x", "y"])
+def test_verification_refuses_points_that_are_not_tensors(which):
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x, y = torch.rand(2, 4), torch.tensor([0, 1])
+    args = {"x": (x.tolist(), y), "y": (x, y.tolist())}[which]
+    with pytest.raises(ValueError, match=f"^{which} must"):
+        bounds.verified_accuracy(model, *args, 0.01, "ibp")
+
+
 def test_verification_takes_correct_from_the_model_and_cross_checks_it(monkeypatch):
     """correct comes from model(x); a model the engine reads wrongly (here: a monkeypatched
     class method, which the engine cannot see on the instance) is caught by the cross-check."""
