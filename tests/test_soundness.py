@@ -127,6 +127,25 @@ def test_verification_runs_the_model_in_its_own_dtype():
     assert v.correct.all()
 
 
+def test_verification_in_float64_and_in_batches_of_one():
+    """dtype=torch.float64 verifies float32 points in float64 (as float64 points are), and the
+    batch size changes nothing, down to batches of one point."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.rand(6, 3, 2, 2)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    want = bounds.verified_accuracy(model.double(), x.double(), y, 0.02, "crown-ibp")
+    got = bounds.verified_accuracy(model, x, y, 0.02, "crown-ibp", dtype=torch.float64)
+    assert got.margin_lower.dtype == torch.float64
+    torch.testing.assert_close(got.margin_lower, want.margin_lower, rtol=0, atol=1e-12)
+    model.float()
+    whole = bounds.verified_accuracy(model, x, y, 0.02, "ibp")
+    ones = bounds.verified_accuracy(model, x, y, 0.02, "ibp", batch_size=1)
+    assert torch.equal(whole.verified, ones.verified) and whole.unstable == ones.unstable
+    torch.testing.assert_close(ones.margin_lower, whole.margin_lower, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("which", ["x", "y"])
 def test_verification_refuses_points_that_are_not_tensors(which):
     model = nn.Sequential(nn.Linear(4, 3)).eval()
