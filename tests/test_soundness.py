@@ -115,6 +115,57 @@ def test_parametrized_weights_are_read_through_their_parametrization():
         torch.testing.assert_close(upper, model(x), rtol=0, atol=1e-9)
 
 
+WIDENING_BOXES = {  # (centre, radius) of 300 inputs, drawn from a seeded generator
+    # stable and unstable neurons alike
+    "wide": lambda g: (torch.randn(2, 300, generator=g), torch.rand(2, 300, generator=g) * 1.5),
+    # |centre| >> radius, as at small eps
+    "narrow": lambda g: (torch.randn(2, 300, generator=g), torch.rand(2, 300, generator=g) / 100),
+    # every neuron straddles 0: under a pending ReLU every lower end is clamped
+    "unstable": lambda g: (torch.randn(2, 300, generator=g) / 100, torch.ones(2, 300)),
+    # all negative: the magnitude an op reads is |centre| + radius, not relu(centre + radius)
+    "negative": lambda g: (-0.5 - torch.rand(2, 300, generator=g), torch.full((2, 300), 0.01)),
+    # active, but the lower end close to 0: the widening must be read from the upper end
+    "barely_active": lambda g: (lambda r: (r * (1.05 + torch.rand(2, 300, generator=g) / 2), r))(
+        0.5 + torch.rand(2, 300, generator=g) / 2),
+}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["in_place", "autograd"])
+@pytest.mark.parametrize("relu_pending", [False, True], ids=["signed_input", "pending_relu"])
+@pytest.mark.parametrize("bias", [1e4, 1.0, None], ids=["large_bias", "bias", "no_bias"])
+@pytest.mark.parametrize("box", sorted(WIDENING_BOXES))
+def test_widening_covers_what_its_proof_needs(box, bias, relu_pending, grad):
+    """Sound IBP's widening checked against its own requirement, not by sampling (rounding that
+    bad is too rare to sample): the widened float32 box of a layer must hold the exact output box
+    of the unwidened input and, around it, the float forward's worst error gamma_n (|W| u + |b|)
+    at any input of the box. Computed in float64 from the float32 operands, per output."""
+    from robprune_fast.bounds import affine, rounding
+    g = torch.Generator().manual_seed(3)
+    c, r = WIDENING_BOXES[box](g)
+    n_in, n_out = c.shape[1], 40
+    w = torch.randn(n_out, n_in, generator=g) * 4
+    w[: n_out // 2] = w[: n_out // 2].abs()  # all-positive rows: a clamped lower end gets no help
+    b = None if bias is None else torch.randn(n_out, generator=g) * bias  # 1e4: it dominates the error
+    op = affine.Linear("layer", w, b, None, torch.float32)
+    op.out_shape = (n_out,)
+    widen = rounding.Widening(torch.float32, torch.float32)
+    with torch.set_grad_enabled(grad):
+        r_in = widen.before(op, c, r, relu_pending)
+        centre, radius = op.ibp(c, r_in, relu_in=relu_pending)
+        radius = widen.after(op, radius.clone())
+    c64, r64, w64 = c.double(), r.double(), w.double()
+    b64 = torch.zeros(n_out, dtype=torch.float64) if b is None else b.double()
+    if relu_pending:
+        lo, hi = torch.relu(c64 - r64), torch.relu(c64 + r64)
+        c64, r64 = (hi + lo) / 2, (hi - lo) / 2
+    exact_centre, exact_radius = c64 @ w64.T + b64, r64 @ w64.abs().T
+    largest = c64.abs() + r64
+    forward_error = rounding.gamma(n_in + 1, torch.float32) * (largest @ w64.abs().T + b64.abs())
+    need = (centre.double() - exact_centre).abs() + exact_radius + forward_error
+    assert (radius.double() >= need).all()
+    assert (radius.double() <= exact_radius * 1.01 + 1e-3 * b64.abs() + 1).all()  # not absurdly wide
+
+
 def test_verification_runs_the_model_in_its_own_dtype():
     """A float64 model verified on float32 points: its own forward (which decides `correct`)
     runs in float64, as the model would be used."""
