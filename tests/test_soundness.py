@@ -166,6 +166,23 @@ def test_widening_covers_what_its_proof_needs(box, bias, relu_pending, grad):
     assert (radius.double() <= exact_radius * 1.01 + 1e-3 * b64.abs() + 1).all()  # not absurdly wide
 
 
+def test_widening_of_sums_and_of_the_last_bounds():
+    """A sum of two boxes (a residual block's) is off by one rounding in its centre, its radius
+    and the forward's sum: its widened radius must exceed r + 2 u (|c| + r); the last bounds
+    move outward, never inward."""
+    from robprune_fast.bounds import rounding
+    widen = rounding.Widening(torch.float32, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    c = torch.randn(1000, generator=g) * 10
+    r = torch.rand(1000, generator=g) * torch.tensor([0.01, 100.0]).repeat(500)
+    u = rounding.unit_roundoff(torch.float32)
+    need = r.double() + 2 * u * (c.double().abs() + r.double())
+    assert (widen.around_sum(c, r).double() >= need).all()
+    lower, upper = c - r, c + r
+    out_lower, out_upper = widen.outward(lower, upper)
+    assert (out_lower < lower).all() and (out_upper > upper).all()
+
+
 def test_verification_runs_the_model_in_its_own_dtype():
     """A float64 model verified on float32 points: its own forward (which decides `correct`)
     runs in float64, as the model would be used."""
