@@ -5,6 +5,7 @@
 #
 #   bash scripts/mutation.sh [MODULE ...]        default: bounds/* evaluate.py attacks.py objectives/*
 #   DIR=/tmp/m JOBS=2 TESTS="tests/test_soundness.py tests/test_bounds.py" bash scripts/mutation.sh bounds/rounding.py
+#   MUTANTS="robprune_fast.bounds.ibp.x__widen_spec*" bash scripts/mutation.sh bounds/ibp.py   (only those)
 #
 # mutmut wants the package at the top of its tree, so this lays out a copy in $DIR (the built
 # extension included: `make build` first), runs there with the mutated package first on the
@@ -41,7 +42,11 @@ ext=$(cd "$DIR" && ls robprune_fast/_C*.so 2>/dev/null | head -n 1) || true
 } > "$DIR/setup.cfg"
 
 cd "$DIR"
+# The mutated tree must exist before Python starts: a PYTHONPATH entry that is missing then is
+# cached as "nothing here", and the tests' own package (tests.helpers) fails to import.
+mkdir -p "$DIR/mutants"
 export PYTHONPATH=$DIR/mutants OMP_NUM_THREADS=1
-"$MUTMUT" run --max-children "$JOBS" || true
+# shellcheck disable=SC2086 (MUTANTS: names or globs, split on purpose)
+"$MUTMUT" run --max-children "$JOBS" ${MUTANTS:-} || true
 "$MUTMUT" results | tee "$DIR/survivors.txt"
 echo "mutants: $(grep -c ': ' "$DIR/survivors.txt" || true) not killed (survived, no tests or timeout); list in $DIR/survivors.txt"

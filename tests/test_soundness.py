@@ -153,17 +153,217 @@ def test_widening_covers_what_its_proof_needs(box, bias, relu_pending, grad):
         r_in = widen.before(op, c, r, relu_pending)
         centre, radius = op.ibp(c, r_in, relu_in=relu_pending)
         radius = widen.after(op, radius.clone())
-    c64, r64, w64 = c.double(), r.double(), w.double()
-    b64 = torch.zeros(n_out, dtype=torch.float64) if b is None else b.double()
+    # The requirement, per end and for any rounding (not only this run's): the box must hold
+    # the exact outputs of the unwidened input box and the float forward's at any of its points
+    # z, off by at most gam (|W| |z| + |b|); per neuron the extreme of w z -+ gam |w| |z| over
+    # [z_lo, z_hi] lies at an end (|z| is convex). And the computed centre may be off by up to
+    # gam (|W| |centre read| + |b|), the radius rounded down by up to gam |W| (radius read), what
+    # is read being the widened input box (after the pending ReLU).
+    w64, b64 = w.double(), torch.zeros(n_out, dtype=torch.float64) if b is None else b.double()
+    gam = rounding.gamma(n_in + 1, torch.float32)
+
+    def ends(centre_in, radius_in):
+        lo, hi = centre_in - radius_in, centre_in + radius_in
+        return (lo.relu(), hi.relu()) if relu_pending else (lo, hi)
+
+    z_lo, z_hi = (z.unsqueeze(1) for z in ends(c.double(), r.double()))  # (B, 1, n_in)
+    at = lambda z, sign: w64 * z + sign * gam * w64.abs() * z.abs()  # (B, n_out, n_in)
+    need_lo = torch.minimum(at(z_lo, -1), at(z_hi, -1)).sum(-1) + b64 - gam * b64.abs()
+    need_hi = torch.maximum(at(z_lo, 1), at(z_hi, 1)).sum(-1) + b64 + gam * b64.abs()
+    read_lo, read_hi = ends(c.double(), r_in.detach().double())
+    c_read, r_read = (read_hi + read_lo) / 2, (read_hi - read_lo) / 2
+    centre_error = gam * (c_read.abs() @ w64.abs().T + b64.abs())
+    radius_error = gam * (1 + 3 * gam) * (r_read @ w64.abs().T)
+    lower = centre.double() - radius.double() + radius_error + centre_error
+    upper = centre.double() + radius.double() - radius_error - centre_error
+    assert (lower <= need_lo).all() and (upper >= need_hi).all()
+    exact_radius = (z_hi - z_lo).squeeze(1) / 2 @ w64.abs().T
+    assert (radius.double() <= exact_radius * 1.01 + 1e-3 * b64.abs() + 1).all()  # not absurdly wide
+
+
+@pytest.mark.parametrize("relu_pending", [False, True], ids=["signed_input", "pending_relu"])
+@pytest.mark.parametrize("bias", [1e4, 1.0, None], ids=["large_bias", "bias", "no_bias"])
+@pytest.mark.parametrize("box", sorted(WIDENING_BOXES))
+def test_widened_specification_covers_what_its_proof_needs(box, bias, relu_pending):
+    """The last layer with a specification C folded in (a margin's two logits), sound IBP:
+    its bounds must hold the exact C (W z + b) over the unwidened box and C times the float
+    forward's logits, each off by up to gam (|W| u + |b|) (u >= |z| over the box), for any
+    rounding of the bounds' own computation: the centre C (W c + b) off by up to
+    gam |C| (|W| |c| + |b|), the radius |C W| r rounded down by up to gam |C| |W| r."""
+    from robprune_fast.bounds import affine, ibp, rounding
+    g = torch.Generator().manual_seed(6)
+    c, r = WIDENING_BOXES[box](g)
+    n_in, k = c.shape[1], 10
+    w = torch.randn(k, n_in, generator=g) * 4
+    w[: k // 2] = w[: k // 2].abs()
+    b = None if bias is None else torch.randn(k, generator=g) * bias
+    last = affine.Linear("last", w, b, None, torch.float32)
+    C = torch.zeros(2, k - 1, k)  # margins of class 3: logit 3 minus each other logit
+    others = [j for j in range(k) if j != 3]
+    C[:, :, 3] = 1
+    C[:, torch.arange(k - 1), others] = -1
+    widen = rounding.Widening(torch.float32, torch.float32)
+    centre, radius = ibp.spec_bounds(last, c, r, C, relu_in=relu_pending)
+    radius = ibp._widen_spec(widen, last, c, r, C, relu_pending, radius)
+    c64, r64 = c.double(), r.double()
     if relu_pending:
         lo, hi = torch.relu(c64 - r64), torch.relu(c64 + r64)
         c64, r64 = (hi + lo) / 2, (hi - lo) / 2
-    exact_centre, exact_radius = c64 @ w64.T + b64, r64 @ w64.abs().T
-    largest = c64.abs() + r64
-    forward_error = rounding.gamma(n_in + 1, torch.float32) * (largest @ w64.abs().T + b64.abs())
-    need = (centre.double() - exact_centre).abs() + exact_radius + forward_error
-    assert (radius.double() >= need).all()
-    assert (radius.double() <= exact_radius * 1.01 + 1e-3 * b64.abs() + 1).all()  # not absurdly wide
+    w64 = w.double()
+    b64 = torch.zeros(k, dtype=torch.float64) if b is None else b.double()
+    gam = rounding.gamma(n_in + 1, torch.float32)
+    C64, folded = C.double(), C.double() @ w64
+    exact_centre = (C64 @ (c64 @ w64.T + b64).unsqueeze(-1)).squeeze(-1)
+    exact_radius = (folded.abs() @ r64.unsqueeze(-1)).squeeze(-1)
+    per_logit = lambda v: (C64.abs() @ (v @ w64.abs().T + b64.abs()).unsqueeze(-1)).squeeze(-1)
+    forward_error = gam * per_logit(c64.abs() + r64)
+    centre_error = 2 * gam * per_logit(c64.abs())  # the logits' sums, then C's (k terms)
+    radius_error = 2 * gam * (C64.abs() @ (r64 @ w64.abs().T).unsqueeze(-1)).squeeze(-1)
+    slack = radius.double() - radius_error - centre_error - forward_error
+    assert (centre.double() - slack <= exact_centre - exact_radius).all()
+    assert (centre.double() + slack >= exact_centre + exact_radius).all()
+
+
+def _wiring_model():
+    """Every kind of op the walk treats apart: fused ReLUs, a ReLU before ops that cannot take
+    it (batch norm, pooling), one that passes through (flatten), ReLU after ReLU, a residual
+    block."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        models.Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(), nn.ReLU(),
+        models.PreActBlock(8, 8, 1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(8, 6, 3), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3),
+    ).eval()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["in_place", "autograd"])
+def test_the_walk_widens_every_op_by_what_it_reads(monkeypatch, grad):
+    """Sound IBP's wiring: before every op that rounds (residual blocks' included) the walk
+    widens by what that op reads: after a pending ReLU exactly when the op takes it as its
+    relu_in prologue, else the signed box itself."""
+    from robprune_fast.bounds import layers, rounding
+    widened, calls = [], []
+    before = rounding.Widening.before
+
+    def spy_before(self, op, c, r, relu_pending):
+        widened.append((op, relu_pending))
+        return before(self, op, c, r, relu_pending)
+    monkeypatch.setattr(rounding.Widening, "before", spy_before)
+    for cls in {type(op) for op in _all_ops()}:
+        if "ibp" in cls.__dict__:
+            original = cls.__dict__["ibp"]
+
+            def spy_ibp(self, c, r, relu_in=False, original=original):
+                if not calls or calls[-1][0] is not self:  # batch norm calls its base's ibp
+                    calls.append((self, relu_in))
+                return original(self, c, r, relu_in)
+            monkeypatch.setattr(cls, "ibp", spy_ibp)
+    model = _wiring_model()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.set_grad_enabled(grad):
+        bounds.compute_bounds(model, x, 0.01, "ibp", differentiable=grad)
+    rounding_ops = [(op, relu_in) for op, relu_in in calls if op.terms]
+    assert len(rounding_ops) == 11  # the input normalisation is folded into the input box
+    assert [(op, pending) for op, pending in widened if op.terms] == rounding_ops
+    assert any(relu_in for _, relu_in in widened) and not all(relu_in for _, relu_in in widened)
+
+
+def _all_ops():
+    from robprune_fast.bounds import compile as compile_ops, layers
+    seq = compile_ops.compile_model(_wiring_model(), torch.float32)
+    return list(seq) + [op for o in seq if isinstance(o, layers.Residual) for op in o.children()]
+
+
+def test_an_in_place_walk_takes_boxes_of_different_layouts():
+    """Without autograd IBP maps ReLU boxes in place; a centre and radius laid out differently
+    (a channels-last centre, a contiguous radius) take the out-of-place ReLU and give the same
+    box."""
+    from robprune_fast.bounds import compile as compile_ops, ibp
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    seq = compile_ops.compile_model(model, torch.float32)
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(2, 3, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    r = torch.rand(2, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        expected = ibp.walk(seq, c.clone(), r.clone())
+        got = ibp.walk(seq, c.clone(memory_format=torch.channels_last), r.clone(), in_place=True)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+
+
+BUDGET_BOXES = dict(WIDENING_BOXES,
+    # one end of every box within a few budgets of 0: the stable/unstable tests decide here
+    edges=lambda g: (lambda r, s, d: (s * r + d, r))(
+        torch.rand(2, 300, generator=g), torch.randint(0, 2, (2, 300), generator=g) * 2.0 - 1,
+        torch.randn(2, 300, generator=g) * 0.03))
+
+
+def _budget_in(g, like):
+    """A budget already carried by earlier layers: up to 0.02, of the order of the edges."""
+    return torch.rand(like.shape, generator=g) * 0.02
+
+
+@pytest.mark.parametrize("crown", [False, True], ids=["ibp_only", "crown"])
+@pytest.mark.parametrize("box", sorted(BUDGET_BOXES))
+def test_budget_covers_what_its_proof_needs(box, crown):
+    """The CROWN methods' rounding budget T (rounding.Budget) checked against what its proof
+    needs, per neuron, in float64 (rounding that bad is too rare to sample):
+    - at the input, T bounds the rounding of the box of the clipped ball: >= 2 u max|x'|;
+    - through a linear layer (whose magnitude h is read from the budget, >= |c| + r), T grows
+      to at least |W| T + gamma (|W| h + |b|), gamma of the sums it covers: fan-in (+ bias) for
+      the forward and IBP, and with CROWN fan-out for A W and every output for A b;
+    - through a ReLU, the slack of its pre-activation bounds is >= 2 T (the computation's T and
+      the forward's); T may stop only where c + r + 2 T <= 0 (0 in the exact network and the
+      float forward alike), an unstable neuron adds its relaxation's rounding (>= gamma_4 h),
+      and the next op's magnitude is >= relu(c + r + 2 T);
+    - a specification C's slack is >= 2 |C| T."""
+    from robprune_fast.bounds import affine, layers, rounding
+    g = torch.Generator().manual_seed(5)
+    u = rounding.unit_roundoff(torch.float32)
+    gam = lambda n: rounding.gamma(n, torch.float32)
+    # the input: points near 0 with eps larger than them, near 1 with the ball clipped
+    x = torch.rand(2, 300, generator=g) * torch.tensor([0.01, 1.0]).repeat(150)
+    eps = torch.tensor([[0.05], [0.3]])
+    budget = rounding.Budget(x, eps, torch.float32, crown=crown)
+    assert (budget.T.double() >= 2 * u * (x + eps).clamp(max=1).double()).all()
+    assert budget.gamma(10) >= gam(10)
+    # a linear layer
+    c, r = BUDGET_BOXES[box](g)
+    n_in, n_out = c.shape[1], 40
+    w = torch.randn(n_out, n_in, generator=g) * 4
+    b = torch.randn(n_out, generator=g) * 100
+    op = affine.Linear("layer", w, b, None, torch.float32)
+    op.out_shape = (n_out,)
+    budget.T = T = _budget_in(g, c)
+    h = budget.magnitude(c, r)
+    h64 = c.double().abs() + r.double()
+    assert (h.double() >= h64 * (1 - u)).all()  # its own rounding is second order
+    T_out = op.rounding(T, h, budget).double()
+    aw, ab = w.double().abs(), b.double().abs()
+    g_w = gam(max(n_in, n_out) + 1 if crown else n_in + 1)
+    g_b = gam(n_out + 1 if crown else 2)
+    need = (T.double() + g_w * h64) @ aw.T + g_b * ab
+    assert (T_out >= need).all()
+    assert (T_out <= 2 * need + 1e-3).all()  # not absurdly wide
+    # a ReLU
+    budget.T = T = _budget_in(g, c)
+    relu = layers.ReLU("relu")
+    budget.through_relu(relu, c, r)
+    c64, r64, T64 = c.double(), r.double(), T.double()
+    assert (relu.slack.double() >= 2 * T64).all()
+    live = c64 + r64 + 2 * T64 > 0
+    unstable = live & (c64 - r64 - 2 * T64 < 0)
+    T_out = budget.T.double()
+    assert (T_out[live] >= T64[live]).all()
+    assert (T_out[unstable] >= T64[unstable] + gam(4) * h64[unstable]).all()
+    assert (T_out[c64 + r64 + 4 * T64 < 0] == 0).all()  # and it does stop
+    assert (budget.magnitude(c, r).double() >= torch.relu(c64 + r64 + 2 * T64) * (1 - u)).all()
+    # a specification's slack
+    C = torch.randn(2, 9, 300, generator=g)
+    need = 2 * (C.double().abs() @ budget.T.double().unsqueeze(-1)).squeeze(-1)
+    assert (budget.slack(C).double() >= need).all()
+    assert (budget.slack().double() >= 2 * budget.T.double()).all()
 
 
 def test_widening_of_sums_and_of_the_last_bounds():
