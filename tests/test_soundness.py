@@ -242,7 +242,7 @@ def test_the_walk_widens_every_op_by_what_it_reads(monkeypatch, grad):
     """Sound IBP's wiring: before every op that rounds (residual blocks' included) the walk
     widens by what that op reads: after a pending ReLU exactly when the op takes it as its
     relu_in prologue, else the signed box itself."""
-    from robprune_fast.bounds import layers, rounding
+    from robprune_fast.bounds import rounding
     widened, calls = [], []
     before = rounding.Widening.before
 
