@@ -66,9 +66,10 @@ def test_values_grad_matches_twin(geometry, device):
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("size", [(32, 32), (4, 4), (1, 1), (17, 40)], ids=str)
+@pytest.mark.parametrize("size", [(32, 32), (16, 16), (8, 8), (5, 6), (4, 4), (1, 1), (17, 40)], ids=str)
 def test_plane_sizes(size, dtype, device):
-    """Planes narrower and wider than a vector, and a single pixel, in both dtypes."""
+    """Planes narrower and wider than a vector (one vector a row, half a vector: the kernels then
+    take narrower vectors), and a single pixel, in both dtypes."""
     geometry = ((3, 3), [1, 1], [1, 1], [1, 1], 1)
     x, v, b, index = problem(2, 5, 7, size, geometry, 0.6, dtype, device)
     compare_op(OPS.sparse_conv2d, reference.sparse_conv2d, (x, v, b, index.row_ptr, index.col, *geometry), dtype)

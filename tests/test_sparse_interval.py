@@ -171,3 +171,26 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(
         lambda c, r, v, b: OPS.sparse_interval_conv2d(c, r, v, b, index.row_ptr, index.col, *geometry, True, True),
         [t.clone().requires_grad_(True) for t in (c, r, v, b)])
+
+
+@pytest.mark.parametrize("geometry", [(4, 2, 16), (3, 1, 16), (3, 1, 8)], ids=["4x4s2_to_8x8", "3x3_16x16", "3x3_8x8"])
+def test_planes_of_one_and_half_a_vector(geometry):
+    """cnn_large's shapes: output rows of 16 and 8 floats, one AVX-512 vector and half of one
+    (the kernels then take vectors half as wide), values and gradients in float32."""
+    k, stride, size = geometry
+    g = torch.Generator().manual_seed(1)
+    c, r = box((3, 5, size, size), torch.float32, g)
+    w = torch.randn(7, 5, k, k, generator=g)
+    b = torch.randn(7, generator=g)
+    m = random_mask(w.shape, 0.9, torch.float32, "cpu", g)
+    leaves = lambda: [t.clone().requires_grad_(True) for t in (c, r, w, b)]
+    a_in, b_in = leaves(), leaves()
+    got = sparse.interval_conv2d(*a_in, m, stride=stride, padding=1, relu_in=True)
+    want = ops.interval_conv2d(*b_in, m, stride=stride, padding=1, relu_in=True)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL[torch.float32])
+    cots = [torch.randn_like(y) for y in want]
+    torch.autograd.backward(list(got), cots)
+    torch.autograd.backward(list(want), cots)
+    for name, x, y in zip(("center", "radius", "weight", "bias"), a_in, b_in):
+        torch.testing.assert_close(x.grad, y.grad, **TOL[torch.float32], msg=f"grad of {name}")

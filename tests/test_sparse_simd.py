@@ -34,7 +34,7 @@ def run_tests(isa: str, *args: str):
 def test_kernels_on_every_instruction_set(isa, flag):
     if flag and not cpu_has(flag):
         pytest.skip(f"this CPU lacks {flag}")
-    run_tests(isa, "-k", "matches_twin or layouts or plane_sizes or fused or degenerate", *TESTS)
+    run_tests(isa, "-k", "matches_twin or layouts or plane_sizes or planes_of or fused or degenerate", *TESTS)
 
 
 def test_generic_kernels():

@@ -385,13 +385,24 @@ ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n
           for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * load<V>(x1 + off[e] + c + k * L);
         }
       }
-    for (; c < p.cols; c += L) {  // the rest, a vector at a time, the last one partial
-      const int n_lanes = static_cast<int>(std::min<int64_t>(L, p.cols - c));
+    // The rest, a vector at a time, the last one partial; rows take turns over the P
+    // accumulators, so that narrow planes (one vector a row) still have P chains per entry.
+    const int k = static_cast<int>(r % P);
+    for (; c + L <= p.cols; c += L) {
+      const V gv = load<V>(g + c);
+      for (int e = 0; e < E; ++e) acc[e][k] += gv * load<V>(x + off[e] + c);
+      if constexpr (INTERVAL) {
+        const V gv1 = load<V>(g1 + c);
+        for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * load<V>(x1 + off[e] + c);
+      }
+    }
+    if (c < p.cols) {
+      const int n_lanes = static_cast<int>(p.cols - c);
       const V gv = load_first<V>(g + c, n_lanes);
-      for (int e = 0; e < E; ++e) acc[e][0] += gv * load_first<V>(x + off[e] + c, n_lanes);
+      for (int e = 0; e < E; ++e) acc[e][k] += gv * load_first<V>(x + off[e] + c, n_lanes);
       if constexpr (INTERVAL) {
         const V gv1 = load_first<V>(g1 + c, n_lanes);
-        for (int e = 0; e < E; ++e) acc1[e][0] += gv1 * load_first<V>(x1 + off[e] + c, n_lanes);
+        for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * load_first<V>(x1 + off[e] + c, n_lanes);
       }
     }
   }
@@ -408,9 +419,14 @@ ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n
 }
 
 // Channels [begin, end), image after image: their entries in groups of E (E * P chains, within
-// REGS registers).
+// REGS registers). Planes at most half a vector wide take the narrowest vectors that hold a
+// row (a 4x4 stride-2 convolution's 8x8 output: a row is 8 floats, and a 16-lane vector would
+// be half empty, through partial loads).
 template <class T, int BYTES, int REGS, bool INTERVAL>
 ROBPRUNE_INLINE void dot_channels(const Dot<T>& p, int64_t begin, int64_t end) {
+  if constexpr (BYTES > 16) {
+    if (p.cols * int64_t(sizeof(T)) * 2 <= BYTES) return dot_channels<T, BYTES / 2, REGS, INTERVAL>(p, begin, end);
+  }
   constexpr int P = 2, E = std::max(1, REGS / 2 / P / (INTERVAL ? 2 : 1));
   for (int64_t n = 0; n < p.images; ++n)
     for (int64_t o = begin; o < end; ++o) {
@@ -566,9 +582,9 @@ ROBPRUNE_INLINE bool indices_in_range(const int32_t* index, int64_t begin, int64
 #define ROBPRUNE_ISA(NAME, TARGET, BYTES, REGS)                                                   \
   struct NAME {                                                                                 \
     static constexpr int kBytes = BYTES, kRegs = REGS;                                          \
-    template <class T, int RR, int VC, int U, bool INTERVAL>                                    \
+    template <class T, int B, int RR, int VC, int U, bool INTERVAL>                             \
     TARGET __attribute__((flatten)) static void planes(const Product<T>& p, int64_t b, int64_t e) { \
-      plane_tasks<T, BYTES, RR, VC, U, INTERVAL>(p, b, e);                                      \
+      plane_tasks<T, B, RR, VC, U, INTERVAL>(p, b, e);                                          \
     }                                                                                           \
     template <class T, int VC, int U, bool INTERVAL>                                            \
     TARGET __attribute__((flatten)) static void rows(const Product<T>& p, int64_t b, int64_t e) { \
@@ -716,19 +732,26 @@ void run_product(const Product<T>& p) {
   }
   // Vectors per row of the tile: the row's width, rounded up to a power of two, at most VMAX
   // (wider rows take several column blocks). Rows per tile: as many as the registers hold,
-  // but never past the region where the input may not be read beyond it.
+  // but never past the region where the input may not be read beyond it. Rows at most half a
+  // vector wide (an 8x8 output plane under AVX-512) take vectors half as wide, not half empty.
   const int vc = std::min(vectors, VMAX);
   const int rr = p.overread ? std::min(pow2_ceil(p.rows), CAP / vc) : 1;
-  with_pow2<VMAX>(vc, [&](auto VC) {
-    with_pow2<CAP / decltype(VC)::value>(rr, [&](auto RR) {
-      constexpr int kRR = decltype(RR)::value, kVC = decltype(VC)::value;
-      constexpr int kU = std::max(1, std::min(kChains, CAP) / (kRR * kVC));
-      const int64_t tasks = p.images * p.channels * ((p.rows + kRR - 1) / kRR);
-      at::parallel_for(0, tasks, grain(kRR * p.cols * per_entry), [&](int64_t b, int64_t e) {
-        Isa::template planes<T, kRR, kVC, kU, INTERVAL>(p, b, e);
+  auto tiles = [&](auto B) {
+    with_pow2<VMAX>(vc, [&](auto VC) {
+      with_pow2<CAP / decltype(VC)::value>(rr, [&](auto RR) {
+        constexpr int kRR = decltype(RR)::value, kVC = decltype(VC)::value;
+        constexpr int kU = std::max(1, std::min(kChains, CAP) / (kRR * kVC));
+        const int64_t tasks = p.images * p.channels * ((p.rows + kRR - 1) / kRR);
+        at::parallel_for(0, tasks, grain(kRR * p.cols * per_entry), [&](int64_t b, int64_t e) {
+          Isa::template planes<T, decltype(B)::value, kRR, kVC, kU, INTERVAL>(p, b, e);
+        });
       });
     });
-  });
+  };
+  if constexpr (Isa::kBytes > 16) {
+    if (p.cols * int64_t(sizeof(T)) * 2 <= Isa::kBytes) return tiles(Int<Isa::kBytes / 2>{});
+  }
+  tiles(Int<Isa::kBytes>{});
 }
 
 // The Dot in one parallel region over channels; a task walks the images one after the other
