@@ -194,3 +194,31 @@ def test_planes_of_one_and_half_a_vector(geometry):
     torch.autograd.backward(list(want), cots)
     for name, x, y in zip(("center", "radius", "weight", "bias"), a_in, b_in):
         torch.testing.assert_close(x.grad, y.grad, **TOL[torch.float32], msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("relu_in", [False, True])
+@pytest.mark.parametrize("geometry", [(3, 0, (9, 9)), (4, 1, (9, 8)), (3, 1, (16, 16)), (4, 2, (17, 40)),
+                                      (3, 1, (5, 6)), (2, 0, (2, 3))], ids=str)
+def test_planes_of_stride_two(geometry, relu_in, dtype):
+    """Stride 2 in both directions: the input gradient comes from the phases' regions,
+    interleaved (and through the ReLU's gradient with relu_in) in one pass, whose rows of even
+    and odd width, wider than a vector or not, and paddings of every parity are what this
+    checks, values and gradients against the dense op."""
+    k, padding, size = geometry
+    g = torch.Generator().manual_seed(2)
+    c, r = box((3, 4, *size), dtype, g)
+    w = torch.randn(5, 4, k, k, generator=g, dtype=dtype)
+    b = torch.randn(5, generator=g, dtype=dtype)
+    m = random_mask(w.shape, 0.5, dtype, "cpu", g)
+    leaves = lambda: [t.clone().requires_grad_(True) for t in (c, r, w, b)]
+    a_in, b_in = leaves(), leaves()
+    got = sparse.interval_conv2d(*a_in, m, stride=2, padding=padding, relu_in=relu_in)
+    want = ops.interval_conv2d(*b_in, m, stride=2, padding=padding, relu_in=relu_in)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL[dtype])
+    cots = [torch.randn_like(y) for y in want]
+    torch.autograd.backward(list(got), cots)
+    torch.autograd.backward(list(want), cots)
+    for name, x, y in zip(("center", "radius", "weight", "bias"), a_in, b_in):
+        torch.testing.assert_close(x.grad, y.grad, **TOL[dtype], msg=f"grad of {name}")

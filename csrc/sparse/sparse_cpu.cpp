@@ -356,8 +356,11 @@ ROBPRUNE_INLINE void row_dot_tasks(const Product<T>& p, int64_t begin, int64_t e
 // ---- Dot ----------------------------------------------------------------------------------------
 
 // Image n's part of the dot products of the E entries [e0, e0 + E) of channel o, stored to dw
-// or added to it (accumulate): E products sharing each load of g, each summed in P partial
-// accumulators (E * P independent FMA chains).
+// or added to it (accumulate): E products sharing each load of g. Rows take turns over P
+// partial accumulators (E * P independent FMA chains), P rows per step so that every
+// accumulator's index is a constant and it stays in a register (a row index modulo P would put
+// them on the stack, a store and a load per row); a row takes whole vectors, the last one
+// partial.
 template <class T, int BYTES, int E, int P, bool INTERVAL>
 ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n, bool accumulate) {
   using V = Vec<T, BYTES>;
@@ -365,47 +368,34 @@ ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n
   V acc[E][P], acc1[E][P];
   for (int e = 0; e < E; ++e)
     for (int k = 0; k < P; ++k) acc[e][k] = acc1[e][k] = V{};
-  const int64_t full = p.cols / (L * P) * (L * P);
   int64_t off[E];
   for (int e = 0; e < E; ++e) off[e] = p.indexed ? offset<true>(p, e0 + e) : p.off[e0 + e];
-  for (int64_t r = 0; r < p.rows; ++r) {
+  const int64_t whole = p.cols / L * L;
+  const int tail = static_cast<int>(p.cols - whole);
+  auto row = [&](int64_t r, int k) {
     const int64_t g_at = n * p.g_image + o * p.g_channel + r * p.g_row;
     const T* g = p.g + g_at;
     const T* g1 = INTERVAL ? p.g1 + g_at : nullptr;
     const int64_t in_at = n * p.in_image + r * p.in_row;
     const T* x = p.in + in_at;
     const T* x1 = INTERVAL ? p.in1 + in_at : nullptr;
-    int64_t c = 0;
-    for (; c < full; c += L * P)
-      for (int k = 0; k < P; ++k) {
-        const V gv = load<V>(g + c + k * L);
-        for (int e = 0; e < E; ++e) acc[e][k] += gv * load<V>(x + off[e] + c + k * L);
-        if constexpr (INTERVAL) {
-          const V gv1 = load<V>(g1 + c + k * L);
-          for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * load<V>(x1 + off[e] + c + k * L);
-        }
-      }
-    // The rest, a vector at a time, the last one partial; rows take turns over the P
-    // accumulators, so that narrow planes (one vector a row) still have P chains per entry.
-    const int k = static_cast<int>(r % P);
-    for (; c + L <= p.cols; c += L) {
-      const V gv = load<V>(g + c);
-      for (int e = 0; e < E; ++e) acc[e][k] += gv * load<V>(x + off[e] + c);
+    auto add = [&](int64_t c, auto read) {
+      const V gv = read(g + c);
+      for (int e = 0; e < E; ++e) acc[e][k] += gv * read(x + off[e] + c);
       if constexpr (INTERVAL) {
-        const V gv1 = load<V>(g1 + c);
-        for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * load<V>(x1 + off[e] + c);
+        const V gv1 = read(g1 + c);
+        for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * read(x1 + off[e] + c);
       }
-    }
-    if (c < p.cols) {
-      const int n_lanes = static_cast<int>(p.cols - c);
-      const V gv = load_first<V>(g + c, n_lanes);
-      for (int e = 0; e < E; ++e) acc[e][k] += gv * load_first<V>(x + off[e] + c, n_lanes);
-      if constexpr (INTERVAL) {
-        const V gv1 = load_first<V>(g1 + c, n_lanes);
-        for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * load_first<V>(x1 + off[e] + c, n_lanes);
-      }
-    }
+    };
+    for (int64_t c = 0; c < whole; c += L) add(c, [](const T* at) { return load<V>(at); });
+    if (tail) add(whole, [&](const T* at) { return load_first<V>(at, tail); });
+  };
+  int64_t r = 0;
+  for (; r + P <= p.rows; r += P) {
+#pragma GCC unroll 8
+    for (int k = 0; k < P; ++k) row(r + k, k);
   }
+  for (; r < p.rows; ++r) row(r, 0);
   for (int e = 0; e < E; ++e) {
     for (int k = 1; k < P; ++k) {
       acc[e][0] += acc[e][k];
@@ -427,7 +417,7 @@ ROBPRUNE_INLINE void dot_channels(const Dot<T>& p, int64_t begin, int64_t end) {
   if constexpr (BYTES > 16) {
     if (p.cols * int64_t(sizeof(T)) * 2 <= BYTES) return dot_channels<T, BYTES / 2, REGS, INTERVAL>(p, begin, end);
   }
-  constexpr int P = 2, E = std::max(1, REGS / 2 / P / (INTERVAL ? 2 : 1));
+  constexpr int P = 2, E = std::max(1, REGS / P / (INTERVAL ? 2 : 1));
   for (int64_t n = 0; n < p.images; ++n)
     for (int64_t o = begin; o < end; ++o) {
       int32_t e = p.start[o];
@@ -438,6 +428,85 @@ ROBPRUNE_INLINE void dot_channels(const Dot<T>& p, int64_t begin, int64_t end) {
 }
 
 // ---- Pack ---------------------------------------------------------------------------------------
+
+// The lanes FIRST, FIRST + 2, ... of two consecutive vectors: one two-source shuffle.
+template <int FIRST, class V, size_t... I>
+ROBPRUNE_INLINE V every_other(V a, V b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, int(2 * I + FIRST)...);
+}
+
+// Elements 0, 2, 4, ... of a staged row of m elements to out0 and 1, 3, 5, ... to out1 (a
+// stride-2 row's two phases): two loads and two two-source shuffles per 2L elements. What is
+// left after the whole vectors takes vectors half as wide (a row of 16 floats: two 8-lane
+// stores, not partial 16-lane ones, which go through memcpy), then partial ones. The staging
+// row may be read past m (it has room); the outputs are written exactly.
+template <class T, int BYTES>
+ROBPRUNE_INLINE void deinterleave(const T* staged, int64_t m, T* out0, T* out1) {
+  using V = Vec<T, BYTES>;
+  constexpr int64_t L = BYTES / sizeof(T);
+  auto split = [&](int64_t j, auto store_even, auto store_odd) {
+    const V lo = load<V>(staged + j), hi = load<V>(staged + j + L);
+    store_even(out0 + j / 2, every_other<0>(lo, hi, std::make_index_sequence<L>{}));
+    store_odd(out1 + j / 2, every_other<1>(lo, hi, std::make_index_sequence<L>{}));
+  };
+  int64_t j = 0;
+  for (; j + 2 * L <= m; j += 2 * L) split(j, store<V, T>, store<V, T>);
+  if constexpr (BYTES > 16) {
+    if (m - j >= L) return deinterleave<T, BYTES / 2>(staged + j, m - j, out0 + j / 2, out1 + j / 2);
+  }
+  if (j < m) {
+    const int n_even = static_cast<int>((m - j + 1) / 2), n_odd = static_cast<int>((m - j) / 2);
+    split(j, [&](T* at, V v) { store_first(at, v, n_even); }, [&](T* at, V v) { store_first(at, v, n_odd); });
+  }
+}
+
+// Input columns a staged chunk holds: a multiple of 2 (a stride-2 chunk's phases then start
+// where the row's do), rows wider than that taking several.
+constexpr int64_t kStagedColumns = 512;
+
+// The planes of channel c of image n from an input whose rows are contiguous (NCHW), stride_w
+// 1 or 2: the channel's planes (contiguous) zeroed in one pass, then every input row through
+// the op once, written to its phase rows: directly for stride 1; staged, then deinterleaved,
+// for stride 2. Per input row, not per plane row: a 16-wide row of a 4x4 stride-2 convolution
+// costs one vectorised op and its shuffles, where plane rows of 8 would each pay a loop's
+// set-up and their margins' fills. Returns whether a radius was invalid.
+template <class T, int BYTES, PackOp OP>
+ROBPRUNE_INLINE int pack_channel_rows(const Pack<T>& p, int64_t n, int64_t c) {
+  const int64_t phases = p.stride_h * p.stride_w, plane = p.out_rows * p.out_cols;
+  const int64_t at = (n * p.channels + c) * phases * plane;
+  T* const y0 = p.out + at;
+  T* const y1 = p.out1 ? p.out1 + at : nullptr;
+  std::fill(y0, y0 + phases * plane, T(0));
+  if (y1) std::fill(y1, y1 + phases * plane, T(0));
+  alignas(64) T s0[kStagedColumns + 2 * BYTES / sizeof(T)], s1[kStagedColumns + 2 * BYTES / sizeof(T)];
+  int bad = 0;
+  for (int64_t yy = 0; yy < p.height; ++yy) {
+    const int64_t padded = yy + p.top, a = padded % p.stride_h;
+    // Row padded / stride_h of the planes of phase (a, b) starts at row_at(b).
+    auto row_at = [&](int64_t b) { return ((a * p.stride_w + b) * p.out_rows + padded / p.stride_h) * p.out_cols; };
+    const T* x0 = p.x + n * p.x_image + c * p.x_channel + yy * p.x_row;
+    const T* x1 = p.x1 ? p.x1 + n * p.x_image + c * p.x_channel + yy * p.x_row : nullptr;
+    if (p.stride_w == 1) {
+      T* out0 = y0 + row_at(0) + p.left;
+      T* out1 = y1 ? y1 + row_at(0) + p.left : nullptr;
+#pragma omp simd reduction(| : bad)
+      for (int64_t j = 0; j < p.width; ++j)
+        bad |= pack_pair<T, OP>(x0 + j, x1 ? x1 + j : nullptr, out0 + j, out1 ? out1 + j : nullptr);
+      continue;
+    }
+    for (int64_t j0 = 0; j0 < p.width; j0 += kStagedColumns) {
+      const int64_t m = std::min(kStagedColumns, p.width - j0);
+#pragma omp simd reduction(| : bad)
+      for (int64_t j = 0; j < m; ++j)
+        bad |= pack_pair<T, OP>(x0 + j0 + j, x1 ? x1 + j0 + j : nullptr, s0 + j, y1 ? s1 + j : nullptr);
+      // Padded column j0 + left + j of phase (j0 + left + j) % 2, at column (j0 + left + j) / 2.
+      const int64_t first = j0 + p.left, q = first / 2, b = first % 2;
+      deinterleave<T, BYTES>(s0, m, y0 + row_at(b) + q, y0 + row_at(1 - b) + q + b);
+      if (y1) deinterleave<T, BYTES>(s1, m, y1 + row_at(b) + q, y1 + row_at(1 - b) + q + b);
+    }
+  }
+  return bad;
+}
 
 int64_t floor_div(int64_t a, int64_t b) {
   return a / b - (a % b != 0 && (a < 0) != (b < 0));
@@ -463,6 +532,10 @@ ROBPRUNE_INLINE bool pack_tasks(const Pack<T>& p, int64_t begin, int64_t end) {
   T* const out1 = p.out1;
   const int64_t channel = p.x_channel, step = p.stride_w * p.x_col, cols = p.out_cols;
   bool bad = false;
+  if (!transposing && p.x_col == 1 && p.stride_w <= 2) {
+    for (int64_t t = begin; t < end; ++t) bad |= pack_channel_rows<T, BYTES, OP>(p, t / p.channels, t % p.channels);
+    return bad;
+  }
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n = t / blocks, c0 = t % blocks * cb, count = std::min(cb, p.channels - c0);
     for (int64_t phase = 0; phase < phases; ++phase) {
@@ -545,6 +618,52 @@ ROBPRUNE_INLINE bool pack_tasks(const Pack<T>& p, int64_t begin, int64_t end) {
   return bad;
 }
 
+// ---- Unphase ------------------------------------------------------------------------------------
+
+// The zip of two vectors: lanes a0, b0, a1, b1, ... of their low halves, or of their high halves.
+template <bool HIGH, class V, size_t... J>
+ROBPRUNE_INLINE V zip_half(V a, V b, std::index_sequence<J...>) {
+  constexpr int L = sizeof...(J);
+  return __builtin_shufflevector(a, b, int((J % 2 ? L : 0) + (HIGH ? L / 2 : 0) + J / 2)...);
+}
+
+// staged[2k] = even[k], staged[2k + 1] = odd[k] for 2k, 2k + 1 < m, whole vectors at a time:
+// reads past the rows' ends (an Unphase's regions have room after them) and writes past m
+// (the staging row has room).
+template <class T, int BYTES>
+ROBPRUNE_INLINE void interleave(const T* even, const T* odd, int64_t m, T* staged) {
+  using V = Vec<T, BYTES>;
+  constexpr int64_t L = BYTES / sizeof(T);
+  for (int64_t j = 0; j < m; j += 2 * L) {
+    const V e = load<V>(even + j / 2), o = load<V>(odd + j / 2);
+    store(staged + j, zip_half<false>(e, o, std::make_index_sequence<L>{}));
+    store(staged + j + L, zip_half<true>(e, o, std::make_index_sequence<L>{}));
+  }
+}
+
+// Channel nc (image * channels + channel) of an Unphase with stride_w 2: every output row from
+// its two phases' region rows (columns of residue 0 and 1), interleaved by shuffles into a
+// staged row, then through the pair's op (the ReLU's gradient reads the box's row).
+template <class T, int BYTES, bool RELU>
+ROBPRUNE_INLINE void unphase_channel_rows(const Unphase<T>& p, int64_t nc) {
+  constexpr int64_t L = BYTES / sizeof(T);
+  alignas(64) T s0[kStagedColumns + 2 * L], s1[kStagedColumns + 2 * L];
+  const int64_t region = p.rows * p.cols, b_even = p.pad_w % 2, b_odd = (1 + p.pad_w) % 2;
+  for (int64_t y = 0; y < p.height; ++y) {
+    const int64_t a = (y % p.stride_h + p.pad_h) % p.stride_h, row = y / p.stride_h * p.cols;
+    const int64_t even_at = ((nc * p.stride_h + a) * 2 + b_even) * region + row;
+    const int64_t odd_at = ((nc * p.stride_h + a) * 2 + b_odd) * region + row;
+    const int64_t out_at = (nc * p.height + y) * p.width;
+    for (int64_t j0 = 0; j0 < p.width; j0 += kStagedColumns) {
+      const int64_t m = std::min(kStagedColumns, p.width - j0);
+      interleave<T, BYTES>(p.z + even_at + j0 / 2, p.z + odd_at + j0 / 2, m, s0);
+      if (p.z1) interleave<T, BYTES>(p.z1 + even_at + j0 / 2, p.z1 + odd_at + j0 / 2, m, s1);
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) unphase_pair<T, RELU>(p, s0 + j, s1 + j, out_at + j0 + j);
+    }
+  }
+}
+
 // ---- index checks -----------------------------------------------------------------------------
 
 // Plain loops the ISA's compilation vectorises: int compares and min / max reductions.
@@ -597,6 +716,10 @@ ROBPRUNE_INLINE bool indices_in_range(const int32_t* index, int64_t begin, int64
     template <class T, PackOp OP>                                                               \
     TARGET __attribute__((flatten)) static bool pack(const Pack<T>& p, int64_t b, int64_t e) {  \
       return pack_tasks<T, BYTES, OP>(p, b, e);                                                 \
+    }                                                                                           \
+    template <class T, bool RELU>                                                               \
+    TARGET __attribute__((flatten)) static void unphase(const Unphase<T>& p, int64_t b, int64_t e) { \
+      for (int64_t nc = b; nc < e; ++nc) unphase_channel_rows<T, BYTES, RELU>(p, nc);            \
     }                                                                                           \
     TARGET __attribute__((flatten)) static bool sorted(const int32_t* ptr, int64_t b, int64_t e,  \
                                                        const int32_t* inner, int64_t limit) {   \
@@ -824,6 +947,19 @@ bool SparseKernels<CpuBackend>::pack(const Pack<T>& p) {
     }
   });
   return bad;
+}
+
+template <>
+template <class T>
+void SparseKernels<CpuBackend>::unphase(const Unphase<T>& p) {
+  if (generic() || p.stride_w != 2) return Generic::unphase(p);  // other strides: rare, elementwise
+  with_isa([&](auto isa) {
+    using I = decltype(isa);
+    at::parallel_for(0, p.images * p.channels, grain(p.height * p.width), [&](int64_t b, int64_t e) {
+      if (p.center) I::template unphase<T, true>(p, b, e);
+      else I::template unphase<T, false>(p, b, e);
+    });
+  });
 }
 
 // Indices a check task takes: vectorised, a pass over a million indices costs well under a

@@ -45,6 +45,18 @@ C10_HOST_DEVICE inline bool pack_pair(const T* x0, const T* x1, T* y0, T* y1) {
   return OP == PackOp::kCheckBox && !(b >= T(0));
 }
 
+// Element i of an Unphase's output (sparse_kernels.h) from the pair (z, z1) it holds: a copy,
+// or with RELU the pair's gradient through the box's ReLU.
+template <class T, bool RELU>
+C10_HOST_DEVICE inline void unphase_pair(const Unphase<T>& p, const T* z, const T* z1, int64_t i) {
+  if constexpr (RELU) {
+    interval::PrologueBackward<T>{z, z1, p.center + i, p.radius + i, p.out + i, p.out1 + i}(0);
+  } else {
+    p.out[i] = *z;
+    if (p.out1) p.out1[i] = *z1;
+  }
+}
+
 namespace sparse_generic {
 
 // The segment s of a pointer array (ptr[0] = 0, never decreasing, checked) that holds entry e:
@@ -164,6 +176,19 @@ struct PackElement {
   }
 };
 
+// Element i = ((n * channels + c) * height + y) * width + x of an Unphase's output.
+template <class T, bool RELU>
+struct UnphaseElement {
+  Unphase<T> p;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t x = i % p.width, rest = i / p.width, y = rest % p.height, image_channel = rest / p.height;
+    const int64_t a = (y % p.stride_h + p.pad_h) % p.stride_h, b = (x % p.stride_w + p.pad_w) % p.stride_w;
+    const int64_t k = ((image_channel * p.stride_h + a) * p.stride_w + b) * p.rows * p.cols +
+                      y / p.stride_h * p.cols + x / p.stride_w;
+    unphase_pair<T, RELU>(p, p.z + k, p.z1 ? p.z1 + k : nullptr, i);
+  }
+};
+
 // Element i of ptr [segments + 1]: true where it breaks "starts at 0, never decreases, ends at
 // entries".
 struct BadPointer {
@@ -241,14 +266,13 @@ struct TransposedFill {
   ConvIndex index;
   const T* values;
   const int32_t* start;
-  int64_t base;
   T* w;
   int64_t* off;
   C10_HOST_DEVICE void operator()(int64_t ch) const {
     int64_t at = start[ch];
     each_transposed_entry(index, ch, [&](int32_t e, int64_t o, int64_t i, int64_t j) {
       w[at] = values[index.perm[e]];
-      off[at] = index.layout.transposed_offset(o, i, j, base);
+      off[at] = index.layout.transposed_offset(o, i, j);
       ++at;
     });
   }
@@ -335,6 +359,14 @@ struct GenericSparseKernels {
     }
   }
 
+  template <class T>
+  static void unphase(const Unphase<T>& p) {
+    using namespace sparse_generic;
+    with_flag(p.center != nullptr, [&](auto relu) {
+      Backend::for_each(p.images * p.channels * p.height * p.width, UnphaseElement<T, decltype(relu)::value>{p});
+    });
+  }
+
   static bool pointers_valid(const int32_t* ptr, int64_t segments, int64_t entries) {
     return !any(segments + 1, sparse_generic::BadPointer{ptr, segments, entries});
   }
@@ -357,10 +389,10 @@ struct GenericSparseKernels {
   }
 
   template <class T>
-  static void transposed_entries(const ConvIndex& index, const T* values, const int32_t* start, int64_t base,
-                                 T* w, int64_t* off) {
+  static void transposed_entries(const ConvIndex& index, const T* values, const int32_t* start, T* w,
+                                 int64_t* off) {
     Backend::for_each(index.layout.in_channels * index.layout.phases(),
-                      sparse_generic::TransposedFill<T>{index, values, start, base, w, off});
+                      sparse_generic::TransposedFill<T>{index, values, start, w, off});
   }
 };
 
@@ -382,6 +414,12 @@ template <class Backend>
 template <class T>
 bool SparseKernels<Backend>::pack(const Pack<T>& p) {
   return GenericSparseKernels<Backend>::pack(p);
+}
+
+template <class Backend>
+template <class T>
+void SparseKernels<Backend>::unphase(const Unphase<T>& p) {
+  GenericSparseKernels<Backend>::unphase(p);
 }
 
 template <class Backend>
@@ -413,8 +451,8 @@ void SparseKernels<Backend>::transposed_counts(const ConvIndex& index, int32_t* 
 template <class Backend>
 template <class T>
 void SparseKernels<Backend>::transposed_entries(const ConvIndex& index, const T* values, const int32_t* start,
-                                                int64_t base, T* w, int64_t* off) {
-  GenericSparseKernels<Backend>::transposed_entries(index, values, start, base, w, off);
+                                                T* w, int64_t* off) {
+  GenericSparseKernels<Backend>::transposed_entries(index, values, start, w, off);
 }
 
 }  // namespace robprune

@@ -26,6 +26,13 @@ struct ConvAxis {
     const int64_t padded = ceil_div(in + 2 * pad, stride), read = out() + max_shift();
     return padded > read ? padded : read;
   }
+  // Phase a's input rows are y = residue(a) + stride * k, k = 0, 1, ... (residue in [0,
+  // stride)); the first sits at row first(a) of the phase plane. The transposed product writes
+  // each phase's region(): the rows of the residue with the most (the others' last row past
+  // the input is dropped).
+  C10_HOST_DEVICE int64_t residue(int64_t a) const { return ((a - pad) % stride + stride) % stride; }
+  C10_HOST_DEVICE int64_t first(int64_t a) const { return (residue(a) + pad) / stride; }
+  C10_HOST_DEVICE int64_t region() const { return ceil_div(in, stride); }
 };
 
 // A convolution's geometry and the sizes of its planes. Input planes: (images, in_channels,
@@ -54,13 +61,18 @@ struct ConvLayout {
            w.shift(j);
   }
 
-  // Transposed channel ch = (c, a, b) (the input's phase plane (a, b) of channel c): the offset
-  // into the gradient planes at which the kept weight (o, c, i, j), of phases (a, b), reads
-  // channel o shifted back by its tap, the adjoint of its forward offset. base: added (the
-  // padding, where the products write the unpadded input).
-  C10_HOST_DEVICE int64_t transposed_offset(int64_t o, int64_t i, int64_t j, int64_t base) const {
-    return o * plane_g() + (h.max_shift() - h.shift(i)) * cols_g() + (w.max_shift() - w.shift(j)) + base;
+  // Transposed channel ch = (c, a, b) (phase (a, b) of input channel c): the offset into the
+  // gradient planes at which the kept weight (o, c, i, j), of phases (a, b), reads channel o
+  // shifted back by its tap (the adjoint of its forward offset), for the first element of the
+  // phase's region (the input's rows and columns of that phase, not its padding).
+  C10_HOST_DEVICE int64_t transposed_offset(int64_t o, int64_t i, int64_t j) const {
+    return o * plane_g() + (h.max_shift() - h.shift(i) + h.first(h.phase(i))) * cols_g() + w.max_shift() -
+           w.shift(j) + w.first(w.phase(j));
   }
+  // A phase's region in the transposed product's result: (images, in_channels, stride_h,
+  // stride_w, region_rows, region_cols); for stride 1, the input itself.
+  C10_HOST_DEVICE int64_t region_rows() const { return h.region(); }
+  C10_HOST_DEVICE int64_t region_cols() const { return w.region(); }
 };
 
 }  // namespace robprune

@@ -119,6 +119,25 @@ struct Pack {
   PackOp op = PackOp::kCopy;
 };
 
+// The inverse of a stride's phase split, for what a strided convolution's transposed product
+// writes: per input channel, the regions of its phases (a, b) (ConvLayout::transposed_offset),
+// (images, channels, stride_h, stride_w, rows, cols), contiguous. Element (n, c, y, x) of out
+// (images x channels x height x width, contiguous) is row y / stride_h, column x / stride_w of
+// the region of the phase whose residue (ConvAxis::residue) is (y % stride_h, x % stride_w).
+// A pair (z, z1) -> (out, out1); with a box (center, radius, contiguous like out), the pair's
+// gradient through the box's ReLU instead (interval::PrologueBackward), in the same pass.
+template <class T>
+struct Unphase {
+  int64_t images = 1, channels = 0, height = 0, width = 0;
+  int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, rows = 0, cols = 0;
+  const T* z = nullptr;
+  const T* z1 = nullptr;
+  const T* center = nullptr;
+  const T* radius = nullptr;
+  T* out = nullptr;
+  T* out1 = nullptr;
+};
+
 // A convolution's compressed weight, from which the ops build the entry lists of its products
 // (sparse_ops.cpp) on the index's device: the CSR (ptr = row_ptr, inner = col) for the forward
 // product, the CSC (ptr = col_ptr, inner = row, perm = csc_to_csr) for the transposed one.
@@ -147,16 +166,20 @@ struct SparseKernels {
                               int64_t limit);
   static bool in_range(const int32_t* index, int64_t n, int64_t limit);
   // A convolution's entry lists. forward_offsets: off[e], where CSR entry e reads its input
-  // planes. The transposed product's channels are the input's phase planes (c, a, b), c slowest,
-  // each holding the kept weights of its phases: transposed_counts stores channel ch's count at
+  // planes. The transposed product's channels are the input's phases (c, a, b), c slowest,
+  // each holding the kept weights of its phases and writing the phase's region
+  // (ConvLayout::transposed_offset): transposed_counts stores channel ch's count at
   // counts[ch]; given their running sums (start [channels + 1]), transposed_entries stores each
-  // channel's weights (values: in the CSR's order) and gradient-plane offsets (plus base) from
-  // start[ch] on, in the CSC's order.
+  // channel's weights (values: in the CSR's order) and gradient-plane offsets from start[ch]
+  // on, in the CSC's order.
   static void forward_offsets(const ConvIndex& index, int64_t* off);
   static void transposed_counts(const ConvIndex& index, int32_t* counts);
   template <class T>
-  static void transposed_entries(const ConvIndex& index, const T* values, const int32_t* start, int64_t base,
-                                 T* w, int64_t* off);
+  static void transposed_entries(const ConvIndex& index, const T* values, const int32_t* start, T* w,
+                                 int64_t* off);
+  // The input (gradient) from a strided transposed product's phase regions (Unphase above).
+  template <class T>
+  static void unphase(const Unphase<T>& p);
 };
 
 // The CPU's SIMD kernels, explicit specialisations defined in sparse_cpu.cpp for float and
@@ -171,6 +194,9 @@ template <>
 template <class T>
 bool SparseKernels<CpuBackend>::pack(const Pack<T>& p);
 template <>
+template <class T>
+void SparseKernels<CpuBackend>::unphase(const Unphase<T>& p);
+template <>
 bool SparseKernels<CpuBackend>::sorted_segments(const int32_t* ptr, int64_t segments, const int32_t* inner,
                                                  int64_t entries, int64_t limit);
 template <>
@@ -182,8 +208,9 @@ bool SparseKernels<CpuBackend>::in_range(const int32_t* index, int64_t n, int64_
   template void SparseKernels<Backend>::product<T>(const Product<T>&);                            \
   template void SparseKernels<Backend>::dot<T>(const Dot<T>&);                                    \
   template bool SparseKernels<Backend>::pack<T>(const Pack<T>&);                                  \
-  template void SparseKernels<Backend>::transposed_entries<T>(const ConvIndex&, const T*, const int32_t*, \
-                                                              int64_t, T*, int64_t*);
+  template void SparseKernels<Backend>::unphase<T>(const Unphase<T>&);                            \
+  template void SparseKernels<Backend>::transposed_entries<T>(const ConvIndex&, const T*, const int32_t*, T*, \
+                                                              int64_t*);
 
 // Runs f(SparseKernels<Backend>{}) with the kernels of t's device, that device current (the
 // CUDA kernels run on the current device's stream, which must be the data's).

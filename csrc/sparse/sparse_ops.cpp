@@ -446,13 +446,13 @@ Entries forward_entries(const Csr& csr, const at::Tensor& values, const ConvLayo
   return {csr.row_ptr, values.defined() ? values.contiguous() : values, off};
 }
 
-// The transposed convolution's entries. Channel (c, a, b) is the input's phase plane (a, b) of
+// The transposed convolution's entries. Channel (c, a, b) is the input's phase (a, b) of
 // channel c (plain channel c for stride 1); its entries are the kept weights (o, c, i, j) of
 // the taps with phase(i) = a, phase(j) = b, o in c's group, each reading the gradient planes of
-// channel o shifted back by the tap: the adjoint of the forward entry. `base` is added to every
-// offset (the padding, where the products write the unpadded input). Two passes on the index's
-// device: the channels' counts, then (after their running sums) the entries.
-Entries transposed_entries(const Csc& csc, const at::Tensor& values, const ConvLayout& l, int64_t base) {
+// channel o shifted back by the tap (the adjoint of the forward entry), from the first element
+// of the phase's region on (ConvLayout::transposed_offset). Two passes on the index's device:
+// the channels' counts, then (after their running sums) the entries.
+Entries transposed_entries(const Csc& csc, const at::Tensor& values, const ConvLayout& l) {
   const int64_t channels = l.in_channels * l.phases(), nnz = values.numel();
   const ConvIndex index = conv_index(l, csc.col_ptr, csc.row, csc.csc_to_csr);
   at::Tensor start = at::zeros({channels + 1}, csc.col_ptr.options());
@@ -464,7 +464,7 @@ Entries transposed_entries(const Csc& csc, const at::Tensor& values, const ConvL
   counts.copy_(counts.cumsum(0));
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "robprune_sparse_transposed_entries", [&] {
     with_kernels(start, [&](auto k) {
-      decltype(k)::transposed_entries(index, v.const_data_ptr<scalar_t>(), start.const_data_ptr<int32_t>(), base,
+      decltype(k)::transposed_entries(index, v.const_data_ptr<scalar_t>(), start.const_data_ptr<int32_t>(),
                                       w.mutable_data_ptr<scalar_t>(), off.mutable_data_ptr<int64_t>());
     });
   });
@@ -512,20 +512,19 @@ void forward_product(const Entries& en, const ConvLayout& l, const Planes& in, T
   with_kernels(en.off, [&](auto k) { decltype(k)::product(p); });
 }
 
-// Stride 1: the products write the unpadded input (N, C, H, W) itself; else its phase planes,
-// which unphase() reorders.
+// Stride 1: the transposed products write the input (N, C, H, W) itself (the one phase's
+// region); else the regions of its phases, which unphase() interleaves.
 bool writes_input(const ConvLayout& l) {
-  return l.h.stride == 1 && l.w.stride == 1;
+  return l.phases() == 1;
 }
 
 template <class T>
 void transposed_product(const Entries& en, const ConvLayout& l, const Planes& g, T* out, T* out1) {
-  const bool direct = writes_input(l);
   Product<T> p;
   p.images = l.images;
-  p.channels = direct ? l.in_channels : l.in_channels * l.phases();
-  p.rows = direct ? l.h.in : l.rows_q();
-  p.cols = direct ? l.w.in : l.cols_q();
+  p.channels = l.in_channels * l.phases();
+  p.rows = l.region_rows();
+  p.cols = l.region_cols();
   set_plane_entries<T>(p, en, g, l.out_channels * l.plane_g(), l.cols_g());
   p.out = out;
   p.out1 = out1;
@@ -552,30 +551,47 @@ at::Tensor released(const at::Tensor& result, bool from_scratch, at::MemoryForma
   return fresh(result.sizes(), result.options(), format).copy_(result);
 }
 
+// Elements after the phases' regions that Unphase's CPU kernels may read (a vector of either
+// dtype past the last row).
+constexpr int64_t kRegionSlack = 64;
+
 // The input's buffer the transposed products write: (N, C, H, W) (as nchw_result), or its
-// phase planes (scratch, unphase() makes the input from them).
+// phases' regions (scratch, unphase() makes the input from them).
 at::Tensor transposed_output(const ConvLayout& l, const at::TensorOptions& options, bool final, Scratch slot) {
   if (writes_input(l)) return nchw_result({l.images, l.in_channels, l.h.in, l.w.in}, options, final, slot);
-  return scratch(slot, l.images * l.in_channels * l.phases() * l.plane_q(), options);
+  const int64_t n = l.images * l.in_channels * l.phases() * l.region_rows() * l.region_cols();
+  return scratch(slot, n + kRegionSlack, options);
 }
 
-// (N, C, H, W) from the phase planes: input pixel (y, x) sits in phase ((y + pad_h) % s_h,
-// (x + pad_w) % s_w) at ((y + pad_h) / s_h, (x + pad_w) / s_w).
-at::Tensor unphase(const at::Tensor& z, const ConvLayout& l) {
-  if (writes_input(l)) return z;
-  const ConvAxis &h = l.h, &w = l.w;
-  const at::Tensor planes = z.view({l.images, l.in_channels, h.stride, w.stride, l.rows_q(), l.cols_q()});
-  at::Tensor x = fresh({l.images, l.in_channels, h.in, w.in}, z.options());
-  for (int64_t a = 0; a < h.stride; ++a)
-    for (int64_t b = 0; b < w.stride; ++b) {
-      const int64_t y0 = ((a - h.pad) % h.stride + h.stride) % h.stride;
-      const int64_t x0 = ((b - w.pad) % w.stride + w.stride) % w.stride;
-      if (y0 >= h.in || x0 >= w.in) continue;
-      at::Tensor dst = x.slice(2, y0, h.in, h.stride).slice(3, x0, w.in, w.stride);
-      dst.copy_(planes.select(2, a).select(2, b).narrow(2, (y0 + h.pad) / h.stride, dst.size(2))
-                    .narrow(3, (x0 + w.pad) / w.stride, dst.size(3)));
-    }
-  return x;
+// (N, C, H, W) from the phases' regions z (and z1), fresh; with a box (center, radius), the
+// gradient through its ReLU (relu_in) in the same pass.
+std::tuple<at::Tensor, at::Tensor> unphase(const at::Tensor& z, const at::Tensor& z1, const ConvLayout& l,
+                                           const at::Tensor& center, const at::Tensor& radius) {
+  const std::vector<int64_t> shape{l.images, l.in_channels, l.h.in, l.w.in};
+  const at::Tensor out = fresh(shape, z.options()), out1 = z1.defined() ? fresh(shape, z.options()) : at::Tensor();
+  const at::Tensor c = center.defined() ? center.contiguous() : center;
+  const at::Tensor r = radius.defined() ? radius.contiguous() : radius;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "robprune_sparse_unphase", [&] {
+    Unphase<scalar_t> p;
+    p.images = l.images;
+    p.channels = l.in_channels;
+    p.height = l.h.in;
+    p.width = l.w.in;
+    p.stride_h = l.h.stride;
+    p.stride_w = l.w.stride;
+    p.pad_h = l.h.pad;
+    p.pad_w = l.w.pad;
+    p.rows = l.region_rows();
+    p.cols = l.region_cols();
+    p.z = data<scalar_t>(z);
+    p.z1 = data<scalar_t>(z1);
+    p.center = data<scalar_t>(c);
+    p.radius = data<scalar_t>(r);
+    p.out = mutable_data<scalar_t>(out);
+    p.out1 = mutable_data<scalar_t>(out1);
+    with_kernels(z, [&](auto k) { decltype(k)::unphase(p); });
+  });
+  return {out, out1};
 }
 
 // A pointer to the region (the output gradient itself) of gradient planes.
@@ -646,14 +662,15 @@ at::Tensor sparse_conv2d_t(const at::Tensor& g, const at::Tensor& values, const 
   const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), l.out_channels, cols, "out_channels = g.size(1)",
                             "C_in / groups * kH * kW", g, "g");
   const Planes gp = gradient_planes(g, at::Tensor(), l, PackOp::kCopy);
-  const Entries en = transposed_entries(csc, values, l, writes_input(l) ? l.h.pad * l.cols_g() + l.w.pad : 0);
+  const Entries en = transposed_entries(csc, values, l);
   const auto format = g.suggest_memory_format();
   const bool final = writes_input(l) && format == at::MemoryFormat::Contiguous;
   const at::Tensor z = transposed_output(l, g.options(), final, Scratch::kOutput);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robprune_sparse_conv2d_t", [&] {
     transposed_product<scalar_t>(en, l, gp, mutable_data<scalar_t>(z), nullptr);
   });
-  return released(unphase(z, l), writes_input(l) && !final, format);
+  if (writes_input(l)) return released(z, !final, format);
+  return std::get<0>(unphase(z, at::Tensor(), l, at::Tensor(), at::Tensor())).contiguous(format);
 }
 
 at::Tensor sparse_conv2d_values_grad(const at::Tensor& g, const at::Tensor& x, const at::Tensor& row_ptr,
@@ -731,7 +748,7 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
   if (need[3])
     g_bias = g.a.narrow(0, 0, l.images * l.out_channels * l.plane_g()).view({l.images, l.out_channels, -1}).sum(at::IntArrayRef{0, 2});
   if (need[0] || need[1]) {
-    const Entries en = transposed_entries(csc, values, l, writes_input(l) ? l.h.pad * l.cols_g() + l.w.pad : 0);
+    const Entries en = transposed_entries(csc, values, l);
     const auto format = center.suggest_memory_format();
     // The products' buffers are the gradients themselves only when nothing follows them.
     const bool final = writes_input(l) && !relu_in && format == at::MemoryFormat::Contiguous;
@@ -740,16 +757,23 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
     AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_conv2d_backward", [&] {
       transposed_product<scalar_t>(en, l, g, mutable_data<scalar_t>(zc), mutable_data<scalar_t>(zr));
     });
-    g_c = unphase(zc, l);
-    g_r = unphase(zr, l);
-    // After unphase (fresh) or a ReLU's gradient (fresh), nothing is scratch any more.
-    bool from_scratch = writes_input(l) && !final;
-    if (relu_in) {
-      std::tie(g_c, g_r) = relu_backward(g_c, g_r, center, radius);
-      from_scratch = false;
+    if (!writes_input(l)) {
+      // Unphased into fresh tensors, through the ReLU's gradient when there is one.
+      std::tie(g_c, g_r) = relu_in ? unphase(zc, zr, l, center, radius)
+                                   : unphase(zc, zr, l, at::Tensor(), at::Tensor());
+      g_c = g_c.contiguous(format);
+      g_r = g_r.contiguous(format);
+    } else {
+      bool from_scratch = !final;
+      g_c = zc;
+      g_r = zr;
+      if (relu_in) {  // a ReLU's gradient is fresh
+        std::tie(g_c, g_r) = relu_backward(g_c, g_r, center, radius);
+        from_scratch = false;
+      }
+      g_c = released(g_c, from_scratch, format);
+      g_r = released(g_r, from_scratch, format);
     }
-    g_c = released(g_c, from_scratch, format);
-    g_r = released(g_r, from_scratch, format);
   }
   if (need[2]) {
     const Planes in = input_planes(center, radius, l, relu_in ? PackOp::kReluBox : PackOp::kCopy);
