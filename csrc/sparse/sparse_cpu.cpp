@@ -355,37 +355,33 @@ ROBPRUNE_INLINE void row_dot_tasks(const Product<T>& p, int64_t begin, int64_t e
 
 // ---- Dot ----------------------------------------------------------------------------------------
 
-// Image n's part of the dot products of the E entries [e0, e0 + E) of channel o, stored to dw
-// or added to it (accumulate): E products sharing each load of g. Rows take turns over P
+// Image n's part of the dot products of the E entries [e0, e0 + E) of channel o with one
+// operand pair: the centre's (g, in), or with RADIUS the radius's (g1, in1), whose sums count
+// with the sign of the entry's weight (the radius product multiplies by |w|). Stored to dw, or
+// added to it (accumulate). The E products share each load of g. Rows take turns over P
 // partial accumulators (E * P independent FMA chains), P rows per step so that every
 // accumulator's index is a constant and it stays in a register (a row index modulo P would put
 // them on the stack, a store and a load per row); a row takes whole vectors, the last one
 // partial.
-template <class T, int BYTES, int E, int P, bool INTERVAL>
+template <class T, int BYTES, int E, int P, bool RADIUS>
 ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n, bool accumulate) {
   using V = Vec<T, BYTES>;
   constexpr int L = BYTES / sizeof(T);
-  V acc[E][P], acc1[E][P];
+  V acc[E][P];
   for (int e = 0; e < E; ++e)
-    for (int k = 0; k < P; ++k) acc[e][k] = acc1[e][k] = V{};
+    for (int k = 0; k < P; ++k) acc[e][k] = V{};
+  const T* const g = (RADIUS ? p.g1 : p.g) + n * p.g_image + o * p.g_channel;
+  const T* const x = (RADIUS ? p.in1 : p.in) + n * p.in_image;
   int64_t off[E];
   for (int e = 0; e < E; ++e) off[e] = p.indexed ? offset<true>(p, e0 + e) : p.off[e0 + e];
   const int64_t whole = p.cols / L * L;
   const int tail = static_cast<int>(p.cols - whole);
   auto row = [&](int64_t r, int k) {
-    const int64_t g_at = n * p.g_image + o * p.g_channel + r * p.g_row;
-    const T* g = p.g + g_at;
-    const T* g1 = INTERVAL ? p.g1 + g_at : nullptr;
-    const int64_t in_at = n * p.in_image + r * p.in_row;
-    const T* x = p.in + in_at;
-    const T* x1 = INTERVAL ? p.in1 + in_at : nullptr;
+    const T* g_row = g + r * p.g_row;
+    const T* x_row = x + r * p.in_row;
     auto add = [&](int64_t c, auto read) {
-      const V gv = read(g + c);
-      for (int e = 0; e < E; ++e) acc[e][k] += gv * read(x + off[e] + c);
-      if constexpr (INTERVAL) {
-        const V gv1 = read(g1 + c);
-        for (int e = 0; e < E; ++e) acc1[e][k] += gv1 * read(x1 + off[e] + c);
-      }
+      const V gv = read(g_row + c);
+      for (int e = 0; e < E; ++e) acc[e][k] += gv * read(x_row + off[e] + c);
     };
     for (int64_t c = 0; c < whole; c += L) add(c, [](const T* at) { return load<V>(at); });
     if (tail) add(whole, [&](const T* at) { return load_first<V>(at, tail); });
@@ -397,34 +393,40 @@ ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n
   }
   for (; r < p.rows; ++r) row(r, 0);
   for (int e = 0; e < E; ++e) {
-    for (int k = 1; k < P; ++k) {
-      acc[e][0] += acc[e][k];
-      acc1[e][0] += acc1[e][k];
-    }
+    for (int k = 1; k < P; ++k) acc[e][0] += acc[e][k];
     T s = lane_sum<T, BYTES>(acc[e][0]);
     const int32_t k = slot(p, e0 + e);
-    if constexpr (INTERVAL) s += sign(p.w[k]) * lane_sum<T, BYTES>(acc1[e][0]);
+    if constexpr (RADIUS) s *= sign(p.w[k]);
     p.dw[k] = accumulate ? p.dw[k] + s : s;
   }
 }
 
-// Channels [begin, end), image after image: their entries in groups of E (E * P chains, within
-// REGS registers). Planes at most half a vector wide take the narrowest vectors that hold a
-// row (a 4x4 stride-2 convolution's 8x8 output: a row is 8 floats, and a 16-lane vector would
-// be half empty, through partial loads).
+// Image n's part of the dot products of channel o's entries [e, stop) with one operand pair
+// (dot_group): groups of E, the rest in groups half as large, and so on (a single entry would
+// load g for itself alone, with P chains).
+template <class T, int BYTES, int E, int P, bool RADIUS>
+ROBPRUNE_INLINE void dot_channel(const Dot<T>& p, int64_t o, int32_t e, int32_t stop, int64_t n, bool accumulate) {
+  for (; e + E <= stop; e += E) dot_group<T, BYTES, E, P, RADIUS>(p, o, e, n, accumulate);
+  if constexpr (E > 1) dot_channel<T, BYTES, E / 2, P, RADIUS>(p, o, e, stop, n, accumulate);
+}
+
+// Channels [begin, end), image after image. With interval, the centre's products of all the
+// channels, then the radius's: each pass reads one operand's planes of the image, which then
+// fit in L1 where both would not (a 32-channel 18x18 image of each is 41 KiB). Planes at most
+// half a vector wide take the narrowest vectors that hold a row (a 4x4 stride-2 convolution's
+// 8x8 output: a row is 8 floats, and a 16-lane vector would be half empty, through partial
+// loads).
 template <class T, int BYTES, int REGS, bool INTERVAL>
 ROBPRUNE_INLINE void dot_channels(const Dot<T>& p, int64_t begin, int64_t end) {
   if constexpr (BYTES > 16) {
     if (p.cols * int64_t(sizeof(T)) * 2 <= BYTES) return dot_channels<T, BYTES / 2, REGS, INTERVAL>(p, begin, end);
   }
-  constexpr int P = 2, E = std::max(1, REGS / P / (INTERVAL ? 2 : 1));
-  for (int64_t n = 0; n < p.images; ++n)
-    for (int64_t o = begin; o < end; ++o) {
-      int32_t e = p.start[o];
-      const int32_t stop = p.start[o + 1];
-      for (; e + E <= stop; e += E) dot_group<T, BYTES, E, P, INTERVAL>(p, o, e, n, n > 0);
-      for (; e < stop; ++e) dot_group<T, BYTES, 1, P, INTERVAL>(p, o, e, n, n > 0);
-    }
+  constexpr int P = 2, E = REGS >= 16 ? 8 : 4;  // E * P accumulators, within REGS
+  for (int64_t n = 0; n < p.images; ++n) {
+    for (int64_t o = begin; o < end; ++o) dot_channel<T, BYTES, E, P, false>(p, o, p.start[o], p.start[o + 1], n, n > 0);
+    if constexpr (INTERVAL)
+      for (int64_t o = begin; o < end; ++o) dot_channel<T, BYTES, E, P, true>(p, o, p.start[o], p.start[o + 1], n, true);
+  }
 }
 
 // ---- Pack ---------------------------------------------------------------------------------------
