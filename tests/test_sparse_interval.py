@@ -222,3 +222,25 @@ def test_planes_of_stride_two(geometry, relu_in, dtype):
     torch.autograd.backward(list(want), cots)
     for name, x, y in zip(("center", "radius", "weight", "bias"), a_in, b_in):
         torch.testing.assert_close(x.grad, y.grad, **TOL[dtype], msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fused_first_layer_gradients(flags, stride):
+    """A first layer's backward: the box needs no gradient, only the weight and the bias do (the
+    op then reads the output's gradients as they are, without gradient planes, unless
+    out_bounds converts them)."""
+    g = torch.Generator().manual_seed(3)
+    c, r = box((4, 3, 9, 10), torch.float64, g)
+    w = torch.randn(6, 3, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    m = random_mask(w.shape, 0.5, torch.float64, "cpu", g)
+    grads = []
+    for lib in (sparse, ops):
+        wl, bl = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        out = lib.interval_conv2d(c, r, wl, bl, m, stride=stride, padding=1, relu_in=flags[0], out_bounds=flags[1])
+        torch.autograd.backward(list(out), [torch.ones_like(out[0]), torch.linspace(-1, 1, out[1].numel(),
+                                                                                  dtype=torch.float64).view_as(out[1])])
+        grads.append((wl.grad, bl.grad))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, **TOL[torch.float64])

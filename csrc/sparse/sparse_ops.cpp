@@ -743,10 +743,19 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
   const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), l.out_channels, cols, "out_channels",
                             "C_in / groups * kH * kW", center, "center");
   // The gradients of the output's centre and radius as gradient planes.
-  const Planes g = gradient_planes(grad_a, grad_b, l, out_bounds ? PackOp::kBoundsGrad : PackOp::kCopy);
+  // The gradients of the output's centre and radius as gradient planes, which the transposed
+  // product needs (their margins) and out_bounds makes (from those of the bounds). Without
+  // either, the weights' and bias's gradients read the gradients as they are (contiguous):
+  // a first layer's backward then copies nothing.
+  const bool planes = need[0] || need[1] || out_bounds;
+  const Planes g = planes ? gradient_planes(grad_a, grad_b, l, out_bounds ? PackOp::kBoundsGrad : PackOp::kCopy)
+                          : Planes{grad_a.contiguous(), grad_b.contiguous()};
   at::Tensor g_c, g_r, g_v, g_bias;
   if (need[3])
-    g_bias = g.a.narrow(0, 0, l.images * l.out_channels * l.plane_g()).view({l.images, l.out_channels, -1}).sum(at::IntArrayRef{0, 2});
+    g_bias = planes ? g.a.narrow(0, 0, l.images * l.out_channels * l.plane_g())
+                          .view({l.images, l.out_channels, -1})
+                          .sum(at::IntArrayRef{0, 2})
+                    : g.a.sum(at::IntArrayRef{0, 2, 3});
   if (need[0] || need[1]) {
     const Entries en = transposed_entries(csc, values, l);
     const auto format = center.suggest_memory_format();
@@ -779,9 +788,11 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
     const Planes in = input_planes(center, radius, l, relu_in ? PackOp::kReluBox : PackOp::kCopy);
     const Entries en = forward_entries(csr, values, l);
     g_v = at::empty({values.numel()}, values.options());
+    const int64_t plane = planes ? l.plane_g() : l.h.out() * l.w.out(), row = planes ? l.cols_g() : l.w.out();
     AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_conv2d_backward", [&] {
-      forward_dot<scalar_t>(en, l, gradient_region<scalar_t>(g.a, l), gradient_region<scalar_t>(g.b, l),
-                            l.out_channels * l.plane_g(), l.plane_g(), l.cols_g(), in, mutable_data<scalar_t>(g_v));
+      const scalar_t* ga = planes ? gradient_region<scalar_t>(g.a, l) : data<scalar_t>(g.a);
+      const scalar_t* gb = planes ? gradient_region<scalar_t>(g.b, l) : data<scalar_t>(g.b);
+      forward_dot<scalar_t>(en, l, ga, gb, l.out_channels * plane, plane, row, in, mutable_data<scalar_t>(g_v));
     });
   }
   return {empty_if_unused(need[0] ? g_c : at::Tensor(), center), empty_if_unused(need[1] ? g_r : at::Tensor(), center),
