@@ -45,17 +45,12 @@ def run(lib, kind, c, r, w, b, m, relu_in, out_bounds):
     return lib.interval_conv2d(c, r, w, b, m, **CONV, relu_in=relu_in, out_bounds=out_bounds)
 
 
-@pytest.mark.parametrize("device", DEVICES, ids=str)
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("flags", FLAGS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_matches_dense_interval_op(kind, sparsity, flags, dtype, device):
-    c, r, w, b, m = layer(kind, sparsity, dtype, device=device)
-    leaves = lambda: [t.clone().requires_grad_(True) for t in (c, r, w, b)]
-    a_in, b_in = leaves(), leaves()
-    got = run(sparse, kind, *a_in, m, *flags)
-    want = run(ops, kind, *b_in, m, *flags)
+def assert_agree(compressed, dense, leaves, dtype):
+    """compressed(c, r, w, b) and dense(c, r, w, b) on fresh copies of leaves: equal outputs, and
+    equal gradients of each leaf for one random cotangent; returns the compressed call's leaves."""
+    fresh = lambda: [t.clone().requires_grad_(True) for t in leaves]
+    a_in, b_in = fresh(), fresh()
+    got, want = compressed(*a_in), dense(*b_in)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[dtype])
     cots = [torch.randn_like(y) for y in want]
@@ -63,6 +58,18 @@ def test_matches_dense_interval_op(kind, sparsity, flags, dtype, device):
     torch.autograd.backward(list(want), cots)
     for name, x, y in zip(("center", "radius", "weight", "bias"), a_in, b_in):
         torch.testing.assert_close(x.grad, y.grad, **TOL[dtype], msg=f"grad of {name}")
+    return a_in
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("flags", FLAGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_dense_interval_op(kind, sparsity, flags, dtype, device):
+    c, r, w, b, m = layer(kind, sparsity, dtype, device=device)
+    a_in = assert_agree(lambda *t: run(sparse, kind, *t, m, *flags), lambda *t: run(ops, kind, *t, m, *flags),
+                        (c, r, w, b), dtype)
     assert bool((a_in[2].grad[m == 0] == 0).all()), "a pruned weight received a gradient"
 
 
@@ -183,17 +190,9 @@ def test_planes_of_one_and_half_a_vector(geometry):
     w = torch.randn(7, 5, k, k, generator=g)
     b = torch.randn(7, generator=g)
     m = random_mask(w.shape, 0.9, torch.float32, "cpu", g)
-    leaves = lambda: [t.clone().requires_grad_(True) for t in (c, r, w, b)]
-    a_in, b_in = leaves(), leaves()
-    got = sparse.interval_conv2d(*a_in, m, stride=stride, padding=1, relu_in=True)
-    want = ops.interval_conv2d(*b_in, m, stride=stride, padding=1, relu_in=True)
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, **TOL[torch.float32])
-    cots = [torch.randn_like(y) for y in want]
-    torch.autograd.backward(list(got), cots)
-    torch.autograd.backward(list(want), cots)
-    for name, x, y in zip(("center", "radius", "weight", "bias"), a_in, b_in):
-        torch.testing.assert_close(x.grad, y.grad, **TOL[torch.float32], msg=f"grad of {name}")
+    assert_agree(lambda *t: sparse.interval_conv2d(*t, m, stride=stride, padding=1, relu_in=True),
+                 lambda *t: ops.interval_conv2d(*t, m, stride=stride, padding=1, relu_in=True), (c, r, w, b),
+                 torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -211,17 +210,9 @@ def test_planes_of_stride_two(geometry, relu_in, dtype):
     w = torch.randn(5, 4, k, k, generator=g, dtype=dtype)
     b = torch.randn(5, generator=g, dtype=dtype)
     m = random_mask(w.shape, 0.5, dtype, "cpu", g)
-    leaves = lambda: [t.clone().requires_grad_(True) for t in (c, r, w, b)]
-    a_in, b_in = leaves(), leaves()
-    got = sparse.interval_conv2d(*a_in, m, stride=2, padding=padding, relu_in=relu_in)
-    want = ops.interval_conv2d(*b_in, m, stride=2, padding=padding, relu_in=relu_in)
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, **TOL[dtype])
-    cots = [torch.randn_like(y) for y in want]
-    torch.autograd.backward(list(got), cots)
-    torch.autograd.backward(list(want), cots)
-    for name, x, y in zip(("center", "radius", "weight", "bias"), a_in, b_in):
-        torch.testing.assert_close(x.grad, y.grad, **TOL[dtype], msg=f"grad of {name}")
+    assert_agree(lambda *t: sparse.interval_conv2d(*t, m, stride=2, padding=padding, relu_in=relu_in),
+                 lambda *t: ops.interval_conv2d(*t, m, stride=2, padding=padding, relu_in=relu_in), (c, r, w, b),
+                 dtype)
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=str)
