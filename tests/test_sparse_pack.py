@@ -109,3 +109,82 @@ def test_density_cache():
     assert sparse_index.mask_density(m) == int(m.sum()) / 100
     m.fill_(1.0)
     assert sparse_index.mask_density(m) == 1.0
+
+
+def _gather_backward(w, index, seed):
+    """w's gradient through gather_values, for values' gradient drawn from seed; and that
+    gradient's expected value (zeros but at the kept weights)."""
+    g = torch.randn(index.nnz, generator=torch.Generator().manual_seed(seed))
+    sparse_index.gather_values(w, index).backward(g)
+    return torch.zeros_like(w).put_(index.flat_index, g)
+
+
+def test_weight_gradient_memory_is_reused_only_when_nothing_holds_it():
+    # A fresh dense weight gradient per backward faults its pages in; the compressed path makes it
+    # in the memory of the weight's last one when nothing else holds that memory any more.
+    w = torch.randn(16, 32, requires_grad=True)
+    index = sparse_index.pack_mask(random_mask(w.shape, 0.75, torch.float32, "cpu"))
+    want = _gather_backward(w, index, 0)
+    torch.testing.assert_close(w.grad, want, rtol=0, atol=0)
+    memory = sparse_index._gradient_memory[w]  # the same tensor: no further user of its storage
+    assert w.grad.data_ptr() == memory.data_ptr()
+    w.grad = None  # zero_grad(set_to_none=True): the memory is free, so it is used again
+    want = _gather_backward(w, index, 1)
+    torch.testing.assert_close(w.grad, want, rtol=0, atol=0)
+    assert sparse_index._gradient_memory[w] is memory and w.grad.data_ptr() == memory.data_ptr()
+
+    # Accumulation without zero_grad: the kept gradient holds the memory, a second backward adds
+    # into it from fresh memory.
+    kept = w.grad.clone()
+    want = _gather_backward(w, index, 2)
+    torch.testing.assert_close(w.grad, kept + want, rtol=0, atol=0)
+    assert sparse_index._gradient_memory[w] is not memory
+
+    # A view of an old gradient keeps its values through later backward calls.
+    w.grad = None
+    _gather_backward(w, index, 3)
+    view, snapshot = w.grad.view(-1), w.grad.clone()
+    w.grad = None
+    _gather_backward(w, index, 4)
+    torch.testing.assert_close(view.view_as(snapshot), snapshot, rtol=0, atol=0)
+    assert w.grad.data_ptr() != view.data_ptr()
+
+
+def test_reused_weight_gradient_memory_is_zeroed_in_full():
+    # Whatever was written into a released gradient (through .data, which no version counter sees),
+    # a pruned weight's gradient stays exactly 0.
+    w = torch.randn(8, 8, requires_grad=True)
+    index = sparse_index.pack_mask(random_mask(w.shape, 0.5, torch.float32, "cpu"))
+    _gather_backward(w, index, 0)
+    w.grad.data.fill_(7.0)
+    w.grad = None
+    want = _gather_backward(w, index, 1)
+    torch.testing.assert_close(w.grad, want, rtol=0, atol=0)
+
+
+def test_weight_gradient_with_create_graph_is_fresh_and_differentiable():
+    w = torch.randn(8, 8, requires_grad=True)
+    index = sparse_index.pack_mask(random_mask(w.shape, 0.5, torch.float32, "cpu"))
+    values = sparse_index.gather_values(w, index)
+    (grad,) = torch.autograd.grad((values ** 2).sum(), w, create_graph=True)
+    torch.testing.assert_close(grad, torch.zeros_like(w).put_(index.flat_index, 2 * values.detach()))
+    (second,) = torch.autograd.grad(grad.sum(), w)
+    torch.testing.assert_close(second, torch.zeros_like(w).put_(index.flat_index, torch.full_like(values, 2.0)))
+
+
+def test_pruned_weights_stay_zero_under_sgd_with_reused_gradient_memory():
+    # Momentum and weight decay read the gradient each step; a pruned weight's gradient is 0 in
+    # every one, so a weight pruned at zero never moves.
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 12)
+    m = random_mask(layer.weight.shape, 0.8, torch.float32, "cpu")
+    with torch.no_grad():
+        layer.weight.mul_(m)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x = torch.randn(5, 24)
+    for _ in range(6):
+        opt.zero_grad()
+        ops.masked_linear(x, layer.weight, layer.bias, m, path="sparse").square().sum().backward()
+        assert bool((layer.weight.grad[m == 0] == 0).all())
+        opt.step()
+    assert bool((layer.weight[m == 0] == 0).all())

@@ -358,38 +358,42 @@ ROBPRUNE_INLINE void row_dot_tasks(const Product<T>& p, int64_t begin, int64_t e
 // Image n's part of the dot products of the E entries [e0, e0 + E) of channel o with one
 // operand pair: the centre's (g, in), or with RADIUS the radius's (g1, in1), whose sums count
 // with the sign of the entry's weight (the radius product multiplies by |w|). Stored to dw, or
-// added to it (accumulate). The E products share each load of g. Rows take turns over P
-// partial accumulators (E * P independent FMA chains), P rows per step so that every
-// accumulator's index is a constant and it stays in a register (a row index modulo P would put
-// them on the stack, a store and a load per row); a row takes whole vectors, the last one
-// partial.
-template <class T, int BYTES, int E, int P, bool RADIUS>
+// added to it (accumulate). The E products share each load of g. Rows take turns over two
+// sets of accumulators (2E independent FMA chains); a row takes whole vectors, then with TAIL
+// a partial one. GCC keeps the accumulators in registers only when every index into them is a
+// constant before its scalar replacement (which runs before it unrolls loops: so the two rows
+// of a step are two calls, not a loop over a row index modulo 2) and no partial load, which
+// goes through memcpy, reaches them (so rows that are whole vectors, most planes, take TAIL
+// false); otherwise they are stored and loaded around every row.
+template <class T, int BYTES, int E, bool TAIL, bool RADIUS>
 ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n, bool accumulate) {
   using V = Vec<T, BYTES>;
-  constexpr int L = BYTES / sizeof(T);
+  constexpr int L = BYTES / sizeof(T), P = 2;
   V acc[E][P];
   for (int e = 0; e < E; ++e)
     for (int k = 0; k < P; ++k) acc[e][k] = V{};
   const T* const g = (RADIUS ? p.g1 : p.g) + n * p.g_image + o * p.g_channel;
   const T* const x = (RADIUS ? p.in1 : p.in) + n * p.in_image;
-  int64_t off[E];
-  for (int e = 0; e < E; ++e) off[e] = p.indexed ? offset<true>(p, e0 + e) : p.off[e0 + e];
+  // Every entry's input plane, read at the same offset (row and column) for all: E base
+  // registers and one index, where E pointers per row would not fit the registers.
+  const T* xe[E];
+  for (int e = 0; e < E; ++e) xe[e] = x + (p.indexed ? offset<true>(p, e0 + e) : p.off[e0 + e]);
   const int64_t whole = p.cols / L * L;
   const int tail = static_cast<int>(p.cols - whole);
   auto row = [&](int64_t r, int k) {
     const T* g_row = g + r * p.g_row;
-    const T* x_row = x + r * p.in_row;
+    const int64_t x_row = r * p.in_row;
     auto add = [&](int64_t c, auto read) {
       const V gv = read(g_row + c);
-      for (int e = 0; e < E; ++e) acc[e][k] += gv * read(x_row + off[e] + c);
+      for (int e = 0; e < E; ++e) acc[e][k] += gv * read(xe[e] + x_row + c);
     };
     for (int64_t c = 0; c < whole; c += L) add(c, [](const T* at) { return load<V>(at); });
-    if (tail) add(whole, [&](const T* at) { return load_first<V>(at, tail); });
+    if (TAIL && tail) add(whole, [&](const T* at) { return load_first<V>(at, tail); });
   };
   int64_t r = 0;
   for (; r + P <= p.rows; r += P) {
-#pragma GCC unroll 8
-    for (int k = 0; k < P; ++k) row(r + k, k);
+    row(r, 0);
+    row(r + 1, 1);
   }
   for (; r < p.rows; ++r) row(r, 0);
   for (int e = 0; e < E; ++e) {
@@ -403,30 +407,37 @@ ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n
 
 // Image n's part of the dot products of channel o's entries [e, stop) with one operand pair
 // (dot_group): groups of E, the rest in groups half as large, and so on (a single entry would
-// load g for itself alone, with P chains).
-template <class T, int BYTES, int E, int P, bool RADIUS>
+// load g for itself alone, with 2 chains).
+template <class T, int BYTES, int E, bool TAIL, bool RADIUS>
 ROBPRUNE_INLINE void dot_channel(const Dot<T>& p, int64_t o, int32_t e, int32_t stop, int64_t n, bool accumulate) {
-  for (; e + E <= stop; e += E) dot_group<T, BYTES, E, P, RADIUS>(p, o, e, n, accumulate);
-  if constexpr (E > 1) dot_channel<T, BYTES, E / 2, P, RADIUS>(p, o, e, stop, n, accumulate);
+  for (; e + E <= stop; e += E) dot_group<T, BYTES, E, TAIL, RADIUS>(p, o, e, n, accumulate);
+  if constexpr (E > 1) dot_channel<T, BYTES, E / 2, TAIL, RADIUS>(p, o, e, stop, n, accumulate);
 }
 
 // Channels [begin, end), image after image. With interval, the centre's products of all the
 // channels, then the radius's: each pass reads one operand's planes of the image, which then
-// fit in L1 where both would not (a 32-channel 18x18 image of each is 41 KiB). Planes at most
-// half a vector wide take the narrowest vectors that hold a row (a 4x4 stride-2 convolution's
-// 8x8 output: a row is 8 floats, and a 16-lane vector would be half empty, through partial
-// loads).
+// fit in L1 where both would not (a 32-channel 18x18 image of each is 41 KiB).
+template <class T, int BYTES, int REGS, bool TAIL, bool INTERVAL>
+ROBPRUNE_INLINE void dot_images(const Dot<T>& p, int64_t begin, int64_t end) {
+  constexpr int E = REGS >= 16 ? 8 : 4;  // 2E accumulators, within REGS
+  for (int64_t n = 0; n < p.images; ++n) {
+    for (int64_t o = begin; o < end; ++o)
+      dot_channel<T, BYTES, E, TAIL, false>(p, o, p.start[o], p.start[o + 1], n, n > 0);
+    if constexpr (INTERVAL)
+      for (int64_t o = begin; o < end; ++o) dot_channel<T, BYTES, E, TAIL, true>(p, o, p.start[o], p.start[o + 1], n, true);
+  }
+}
+
+// dot_images over channels [begin, end). Planes at most half a vector wide take the narrowest
+// vectors that hold a row (a 4x4 stride-2 convolution's 8x8 output: a row is 8 floats, and a
+// 16-lane vector would be half empty, through partial loads).
 template <class T, int BYTES, int REGS, bool INTERVAL>
 ROBPRUNE_INLINE void dot_channels(const Dot<T>& p, int64_t begin, int64_t end) {
   if constexpr (BYTES > 16) {
     if (p.cols * int64_t(sizeof(T)) * 2 <= BYTES) return dot_channels<T, BYTES / 2, REGS, INTERVAL>(p, begin, end);
   }
-  constexpr int P = 2, E = REGS >= 16 ? 8 : 4;  // E * P accumulators, within REGS
-  for (int64_t n = 0; n < p.images; ++n) {
-    for (int64_t o = begin; o < end; ++o) dot_channel<T, BYTES, E, P, false>(p, o, p.start[o], p.start[o + 1], n, n > 0);
-    if constexpr (INTERVAL)
-      for (int64_t o = begin; o < end; ++o) dot_channel<T, BYTES, E, P, true>(p, o, p.start[o], p.start[o + 1], n, true);
-  }
+  if (p.cols % int64_t(BYTES / sizeof(T)) == 0) return dot_images<T, BYTES, REGS, false, INTERVAL>(p, begin, end);
+  dot_images<T, BYTES, REGS, true, INTERVAL>(p, begin, end);
 }
 
 // ---- Pack ---------------------------------------------------------------------------------------
