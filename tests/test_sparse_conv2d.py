@@ -113,6 +113,32 @@ def test_non_finite_input_stays_where_it_belongs(device):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_padding_is_zero_over_a_used_buffer(geometry):
+    """The packs' planes are zero in their padding although they are scratch buffers that the
+    calls before filled: a call that fills them with NaN first must not leak into the next
+    call's padding."""
+    dtype = torch.float32
+    x, v, b, index = problem(3, 4, 6, (9, 8), geometry, 0.5, dtype)
+    dirty = torch.full((3, 4, 40, 40), float("nan"))
+    unpadded = ((1, 1), [1, 1], [0, 0], [1, 1], 1)
+    d_index, d_values = compressed(torch.ones(6, 4, 1, 1), torch.ones(6, 4, 1, 1))
+    OPS.sparse_conv2d(dirty, d_values, None, d_index.row_ptr, d_index.col, *unpadded)
+    OPS.sparse_conv2d_values_grad(torch.full((3, 6, 40, 40), float("nan")), dirty, d_index.row_ptr,
+                                  d_index.col, *unpadded)
+    torch.testing.assert_close(OPS.sparse_conv2d(x, v, b, index.row_ptr, index.col, *geometry),
+                               reference.sparse_conv2d(x, v, b, index.row_ptr, index.col, *geometry))
+    g = torch.randn_like(output_like(x, v, b, index, geometry))
+    OPS.sparse_conv2d_values_grad(torch.full((3, 6, 40, 40), float("nan")), dirty, d_index.row_ptr,
+                                  d_index.col, *unpadded)
+    torch.testing.assert_close(OPS.sparse_conv2d_t(g, v, *index.csc, [9, 8], *geometry),
+                               reference.sparse_conv2d_t(g, v, *index.csc, [9, 8], *geometry))
+    OPS.sparse_conv2d_values_grad(torch.full((3, 6, 40, 40), float("nan")), dirty, d_index.row_ptr,
+                                  d_index.col, *unpadded)
+    torch.testing.assert_close(OPS.sparse_conv2d_values_grad(g, x, index.row_ptr, index.col, *geometry),
+                               reference.sparse_conv2d_values_grad(g, x, index.row_ptr, index.col, *geometry))
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 def test_opcheck(device):
     geometry = ((3, 3), [2, 1], [1, 1], [1, 1], 2)

@@ -179,7 +179,7 @@ ROBPRUNE_INLINE void product_tile(const Product<T>& p, int64_t n, int64_t o, int
   const T* base = p.in + n * p.in_image + r0 * in_row + c0;
   const T* base1 = INTERVAL ? p.in1 + n * p.in_image + r0 * in_row + c0 : nullptr;
   auto add = [&](int u, int32_t e) {
-    const T w = p.w[e];
+    const T w = p.w[slot(p, e)];
     const int64_t off = offset<INDEXED>(p, e);
     const V wv = splat<V>(w);
     const T* q = base + off;
@@ -311,7 +311,8 @@ ROBPRUNE_INLINE void product_dot_tile(const Product<T>& p, int64_t o, int64_t c0
   const T* base = p.in + c0;
   const int32_t end = p.start[o + 1];
   for (int32_t e = p.start[o]; e < end; ++e) {
-    const V wv = splat<V>(p.w[e]);
+    const int32_t k = p.perm[e];
+    const V wv = splat<V>(p.w[k]);
     const T* q = base + offset<true>(p, e);
     V dot[P];
     for (int k = 0; k < P; ++k) dot[k] = V{};
@@ -322,7 +323,7 @@ ROBPRUNE_INLINE void product_dot_tile(const Product<T>& p, int64_t o, int64_t c0
     }
     for (int k = 1; k < P; ++k) dot[0] += dot[k];
     const T s = lane_sum<T, BYTES>(dot[0]);
-    T& slot_e = p.dw[p.perm[e]];
+    T& slot_e = p.dw[k];
     slot_e = accumulate ? slot_e + s : s;
   }
   for (int v = 0; v < VC; ++v) {

@@ -95,8 +95,9 @@ struct ProductElement {
     T a = p.bias ? p.bias[o] : T(0), z = T(0);
     for (int32_t e = p.start[o], end = p.start[o + 1]; e < end; ++e) {
       const int64_t k = at + entry_offset<INDEXED>(p, e);
-      a += p.w[e] * p.in[k];
-      if constexpr (INTERVAL) z += magnitude(p.w[e]) * p.in1[k];
+      const T w = p.w[p.perm ? p.perm[e] : e];
+      a += w * p.in[k];
+      if constexpr (INTERVAL) z += magnitude(w) * p.in1[k];
     }
     if (INTERVAL && p.out_bounds) {
       const T lower = a - z;

@@ -115,12 +115,6 @@ inline Csc check_csc(const at::Tensor& col_ptr, const at::Tensor& row, const at:
   return csc;
 }
 
-// The values in the CSC's order: w[e] = values[csc_to_csr[e]] (one pass of random reads, where
-// a kernel would repeat them for every block of the batch).
-inline at::Tensor csc_values(const Csc& csc, const at::Tensor& values) {
-  return values.index_select(0, csc.csc_to_csr);
-}
-
 // The entries a kernel walks per output channel: where each channel's entries start, their
 // weights and their input offsets.
 struct Entries {

@@ -35,9 +35,11 @@ namespace robprune {
 // Channel o's entries are [start[o], start[o + 1]); entry e reads its region (rows x cols) of
 // image n of `in` (and of in1 with interval) at off[e], rows in_row apart, images in_image apart.
 // One-row planes (a linear layer: one image, one row) may give index instead of off (indexed):
-// entry e reads input row index[e], at offset index[e] * index_stride. A weights' gradient
-// (dw, [entries]) stores entry e's at dw[perm[e]] where perm is given (a CSC walked for
-// CSR-ordered values), else at dw[e].
+// entry e reads input row index[e], at offset index[e] * index_stride. Where perm is given (a
+// CSC walked over CSR-ordered values), entry e's weight is w[perm[e]] and a weights' gradient
+// (dw, [entries]) stores entry e's at dw[perm[e]]; else w[e] and dw[e]. (Reading the weights
+// through perm costs the kernels one load per entry; putting them in the CSC's order first
+// cost a pass of random reads as long as a linear layer's whole weight gradient.)
 template <class T>
 struct EntryLists {
   int64_t images = 1, channels = 0, rows = 1, cols = 0;
@@ -66,7 +68,7 @@ struct EntryLists {
 // kernels read exactly the region either way.
 template <class T>
 struct Product : EntryLists<T> {
-  const T* w = nullptr;  // [entries]
+  const T* w = nullptr;  // [entries], through perm where given
   T* out = nullptr;
   T* out1 = nullptr;
   int64_t out_image = 0, out_channel = 0, out_row = 0;

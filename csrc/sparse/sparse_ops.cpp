@@ -202,13 +202,16 @@ void set_batch_entries(EntryLists<T>& p, const at::Tensor& ptr, const at::Tensor
 }
 
 // A Product over batch-contiguous rows (a linear layer or its transpose), entry e reading input
-// row index[e] with weight w[e], written to out (and out1) as (n, channels), the layer's layout.
+// row index[e] with weight w[e] (w[perm[e]] with perm: a CSC walked over CSR-ordered values),
+// written to out (and out1) as (n, channels), the layer's layout.
 template <class T>
 Product<T> batch_problem(const at::Tensor& ptr, const at::Tensor& index, int64_t in_rows, const at::Tensor& w,
-                         const Batch& in, int64_t n, T* out, T* out1, const T* bias, bool out_bounds) {
+                         const int32_t* perm, const Batch& in, int64_t n, T* out, T* out1, const T* bias,
+                         bool out_bounds) {
   Product<T> p;
   set_batch_entries(p, ptr, index, in.ld, n);
   p.w = w.const_data_ptr<T>();
+  p.perm = perm;
   p.index_rows = in_rows;
   p.in = data<T>(in.rows.a);
   p.in1 = data<T>(in.rows.b);
@@ -224,8 +227,8 @@ Product<T> batch_problem(const at::Tensor& ptr, const at::Tensor& index, int64_t
 
 template <class T>
 void batch_product(const at::Tensor& ptr, const at::Tensor& index, int64_t in_rows, const at::Tensor& w,
-                   const Batch& in, int64_t n, T* out, T* out1, const T* bias, bool out_bounds) {
-  const Product<T> p = batch_problem<T>(ptr, index, in_rows, w, in, n, out, out1, bias, out_bounds);
+                   const int32_t* perm, const Batch& in, int64_t n, T* out, T* out1, const T* bias, bool out_bounds) {
+  const Product<T> p = batch_problem<T>(ptr, index, in_rows, w, perm, in, n, out, out1, bias, out_bounds);
   with_kernels(ptr, [&](auto k) { decltype(k)::product(p); });
 }
 
@@ -260,8 +263,8 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const c1
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_sparse_linear", [&] {
-    batch_product<scalar_t>(csr.row_ptr, csr.col, x.size(1), v, in, x.size(0), mutable_data<scalar_t>(y), nullptr,
-                            data<scalar_t>(b), false);
+    batch_product<scalar_t>(csr.row_ptr, csr.col, x.size(1), v, nullptr, in, x.size(0), mutable_data<scalar_t>(y),
+                            nullptr, data<scalar_t>(b), false);
   });
   return y;
 }
@@ -275,11 +278,11 @@ at::Tensor sparse_linear_t(const at::Tensor& g, const at::Tensor& values, const 
   const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), g.size(1), in_features,
                             "out_features = g.size(1)", "in_features", g, "g");
   const Batch in = batch_rows(g, at::Tensor(), PackOp::kCopy, Scratch::kGradient);
-  const at::Tensor w = csc_values(csc, values);
+  const at::Tensor w = values.contiguous();
   at::Tensor x = at::empty({g.size(0), in_features}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robprune_sparse_linear_t", [&] {
-    batch_product<scalar_t>(csc.col_ptr, csc.row, g.size(1), w, in, g.size(0), mutable_data<scalar_t>(x), nullptr,
-                            nullptr, false);
+    batch_product<scalar_t>(csc.col_ptr, csc.row, g.size(1), w, csc.csc_to_csr.const_data_ptr<int32_t>(), in,
+                            g.size(0), mutable_data<scalar_t>(x), nullptr, nullptr, false);
   });
   return x;
 }
@@ -319,16 +322,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad
                             "out_features = grad.size(1)", "in_features = x.size(1)", grad, "grad");
   const Batch g = batch_rows(grad, at::Tensor(), PackOp::kCopy, Scratch::kGradient);
   const Batch xb = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput);
-  const at::Tensor w = csc_values(csc, values);
+  const at::Tensor w = values.contiguous();
   at::Tensor g_x = at::empty({n, in_features}, x.options()), g_v = at::empty({values.numel()}, values.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "robprune_sparse_linear_backward", [&] {
     // sparse_linear_t's product, with the values' gradient riding along (sparse_kernels.h).
-    Product<scalar_t> p = batch_problem<scalar_t>(csc.col_ptr, csc.row, out_features, w, g, n,
+    Product<scalar_t> p = batch_problem<scalar_t>(csc.col_ptr, csc.row, out_features, w,
+                                                  csc.csc_to_csr.const_data_ptr<int32_t>(), g, n,
                                                   mutable_data<scalar_t>(g_x), nullptr, nullptr, false);
     p.self = data<scalar_t>(xb.rows.a);
     p.self_row = xb.ld;
     p.dw = mutable_data<scalar_t>(g_v);
-    p.perm = csc.csc_to_csr.const_data_ptr<int32_t>();
     with_kernels(grad, [&](auto k) { decltype(k)::product(p); });
   });
   return {need[0] ? g_x : at::empty({0}, x.options()), need[1] ? g_v : at::empty({0}, x.options())};
@@ -346,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_interval_linear(
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
   at::Tensor a = at::empty({n, out_features}, center.options()), z = at::empty_like(a);
   AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_linear", [&] {
-    batch_product<scalar_t>(csr.row_ptr, csr.col, center.size(1), v, in, n, mutable_data<scalar_t>(a),
+    batch_product<scalar_t>(csr.row_ptr, csr.col, center.size(1), v, nullptr, in, n, mutable_data<scalar_t>(a),
                             mutable_data<scalar_t>(z), data<scalar_t>(b), out_bounds);
   });
   return {a, z};
@@ -376,8 +379,8 @@ Grads4 sparse_interval_linear_backward(const at::Tensor& grad_a, const at::Tenso
     g_c = at::empty({n, in_features}, center.options());
     g_r = at::empty_like(g_c);
     AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_linear_backward", [&] {
-      batch_product<scalar_t>(csc.col_ptr, csc.row, out_features, csc_values(csc, v), g, n, mutable_data<scalar_t>(g_c),
-                              mutable_data<scalar_t>(g_r), nullptr, false);
+      batch_product<scalar_t>(csc.col_ptr, csc.row, out_features, v, csc.csc_to_csr.const_data_ptr<int32_t>(), g, n,
+                              mutable_data<scalar_t>(g_c), mutable_data<scalar_t>(g_r), nullptr, false);
     });
     if (relu_in) std::tie(g_c, g_r) = relu_backward(g_c, g_r, center, radius);
   }
