@@ -33,7 +33,7 @@ ENV = "ROBPRUNE_SPARSE_CROSSOVER"
 TABLE_NAME = "sparse_crossover.json"
 # Part of every key: bump it when the kernels of either path change speed, so that a table
 # measured with the old ones is not reused (torch's version is in the key too).
-KERNELS = "2"
+KERNELS = "3"
 # Densities the compressed path is timed at, and the work (multiply-adds of one dense forward)
 # a measurement's batch is cut down to.
 DENSITIES = (0.05, 0.25, 0.6)
