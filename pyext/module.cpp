@@ -95,6 +95,8 @@ TORCH_LIBRARY(robprune_fast, m) {
   m.def(
       "sparse_conv2d_values_grad(Tensor g, Tensor x, Tensor row_ptr, Tensor col, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("sparse_gather(Tensor weight, Tensor row_ptr, Tensor col) -> Tensor");
+  m.def("sparse_scatter_(Tensor(a!) out, Tensor values, Tensor row_ptr, Tensor col) -> ()");
   m.def(
       "sparse_interval_linear(Tensor center, Tensor radius, Tensor values, Tensor? bias, Tensor row_ptr, "
       "Tensor col, int out_features, bool relu_in, bool out_bounds, bool check_radius=True) -> (Tensor, Tensor)");
@@ -147,6 +149,8 @@ static void register_ops(torch::Library& m) {
   ROBPRUNE_IMPL(sparse_conv2d);
   ROBPRUNE_IMPL(sparse_conv2d_t);
   ROBPRUNE_IMPL(sparse_conv2d_values_grad);
+  ROBPRUNE_IMPL(sparse_gather);
+  ROBPRUNE_IMPL(sparse_scatter_);
   ROBPRUNE_IMPL(sparse_interval_linear);
   ROBPRUNE_IMPL(sparse_interval_linear_backward);
   ROBPRUNE_IMPL(sparse_interval_conv2d);

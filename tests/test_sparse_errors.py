@@ -152,7 +152,42 @@ def conv_cases():
     ]
 
 
-CASES = linear_cases() + conv_cases()
+def gather_cases():
+    """sparse_gather(weight, row_ptr, col) and sparse_scatter_(out, values, row_ptr, col) on the
+    linear index's (4, 6) weight."""
+    nnz = linear_index().nnz
+
+    def gather(weight=None, change=None):
+        return lambda d: (torch.randn(4, 6) if weight is None else weight,
+                          *with_(linear_index(), **(change or {}))[1:3])
+
+    def scatter(out=None, values=None, change=None):
+        return lambda d: (torch.empty(4, 6) if out is None else out, torch.randn(nnz) if values is None else values,
+                          *with_(linear_index(), **(change or {}))[1:3])
+
+    op, op_s = "sparse_gather", "sparse_scatter_"
+    return [
+        Case("gather-weight-int", op, gather(weight=torch.ones(4, 6, dtype=torch.int64)),
+             "weight must be float32 or float64"),
+        Case("gather-weight-scalar", op, gather(weight=torch.tensor(1.0)), "weight must have at least one dimension"),
+        Case("gather-rows", op, gather(weight=torch.randn(5, 6)), r"row_ptr must have shape \(6,\) \(weight.size\(0\)"),
+        Case("gather-col-range", op, gather(weight=torch.randn(4, 3, 2).narrow(1, 0, 2)),
+             r"col must hold, within each row, strictly increasing columns in \[0, 4\)"),
+        Case("gather-col-2d", op, gather(change=dict(col=linear_index().col.view(-1, 1))), "col must be 1-D"),
+        Case("gather-col-int64", op, gather(change=dict(col=linear_index().col.long())), "col must be int32"),
+        Case("gather-row_ptr-end", op, gather(change=dict(row_ptr=linear_index().row_ptr - 1)),
+             "row_ptr must start at 0, never decrease and end at the number of kept weights"),
+        Case("scatter-out-strided", op_s, scatter(out=torch.empty(6, 4).t()), "out must be contiguous"),
+        Case("scatter-out-int", op_s, scatter(out=torch.empty(4, 6, dtype=torch.int32)), "out must be float32"),
+        Case("scatter-values-dtype", op_s, scatter(values=torch.randn(nnz, dtype=torch.float64)),
+             "values must have the dtype of out"),
+        Case("scatter-values-count", op_s, scatter(values=torch.randn(nnz - 1)), r"col must have shape \(" + str(nnz - 1)),
+        Case("scatter-col-unsorted", op_s, scatter(change=dict(col=unsorted(linear_index()))),
+             "col must hold, within each row, strictly increasing columns"),
+    ]
+
+
+CASES = linear_cases() + conv_cases() + gather_cases()
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
 
 

@@ -988,6 +988,39 @@ void SparseKernels<CpuBackend>::unphase(const Unphase<T>& p) {
   });
 }
 
+// A row of W2 per step, rows spread over the threads: no search for an entry's row (the generic
+// kernel's), and scatter's zeros and values go to a row while it is in L1 (one pass over the
+// dense gradient, where zeroing it first and putting the values after took two).
+template <class T, bool TO_DENSE>
+void kept_rows(const Kept<T>& p) {
+  at::parallel_for(0, p.rows, grain(p.cols), [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      T* row = p.dense + o * p.cols;
+      const int32_t* col = p.col;
+      T* values = p.values;
+      if constexpr (TO_DENSE) std::fill(row, row + p.cols, T(0));
+      for (int32_t k = p.row_ptr[o], end = p.row_ptr[o + 1]; k < end; ++k) {
+        if constexpr (TO_DENSE) row[col[k]] = values[k];
+        else values[k] = row[col[k]];
+      }
+    }
+  });
+}
+
+template <>
+template <class T>
+void SparseKernels<CpuBackend>::gather(const Kept<T>& p) {
+  if (generic()) return Generic::gather(p);
+  kept_rows<T, false>(p);
+}
+
+template <>
+template <class T>
+void SparseKernels<CpuBackend>::scatter(const Kept<T>& p) {
+  if (generic()) return Generic::scatter(p);
+  kept_rows<T, true>(p);
+}
+
 // Indices a check task takes: vectorised, a pass over a million indices costs well under a
 // millisecond, less than a parallel region may wait for a busy core.
 constexpr int64_t kCheckGrain = 1 << 20;

@@ -221,6 +221,23 @@ struct OutOfRange {
   C10_HOST_DEVICE bool operator()(int64_t i) const { return index[i] < 0 || index[i] >= limit; }
 };
 
+// CSR entry e of a Kept: its value read from W2 (gather), or written to it (TO_DENSE, scatter).
+template <class T, bool TO_DENSE>
+struct KeptEntry {
+  Kept<T> p;
+  C10_HOST_DEVICE void operator()(int64_t e) const {
+    T& at = p.dense[segment_of(p.row_ptr, p.rows, e) * p.cols + p.col[e]];
+    if constexpr (TO_DENSE) at = p.values[e];
+    else p.values[e] = at;
+  }
+};
+
+template <class T>
+struct Zero {
+  T* out;
+  C10_HOST_DEVICE void operator()(int64_t i) const { out[i] = T(0); }
+};
+
 // off[e] of CSR entry e: where its kept weight (row o, column col[e]) reads the input planes.
 struct ForwardOffset {
   ConvIndex index;
@@ -368,6 +385,18 @@ struct GenericSparseKernels {
     });
   }
 
+  template <class T>
+  static void gather(const Kept<T>& p) {
+    Backend::for_each(p.entries, sparse_generic::KeptEntry<T, false>{p});
+  }
+
+  // Zeros first, then the entries (kernels run in order on the backend's stream).
+  template <class T>
+  static void scatter(const Kept<T>& p) {
+    Backend::for_each(p.rows * p.cols, sparse_generic::Zero<T>{p.dense});
+    Backend::for_each(p.entries, sparse_generic::KeptEntry<T, true>{p});
+  }
+
   static bool pointers_valid(const int32_t* ptr, int64_t segments, int64_t entries) {
     return !any(segments + 1, sparse_generic::BadPointer{ptr, segments, entries});
   }
@@ -421,6 +450,18 @@ template <class Backend>
 template <class T>
 void SparseKernels<Backend>::unphase(const Unphase<T>& p) {
   GenericSparseKernels<Backend>::unphase(p);
+}
+
+template <class Backend>
+template <class T>
+void SparseKernels<Backend>::gather(const Kept<T>& p) {
+  GenericSparseKernels<Backend>::gather(p);
+}
+
+template <class Backend>
+template <class T>
+void SparseKernels<Backend>::scatter(const Kept<T>& p) {
+  GenericSparseKernels<Backend>::scatter(p);
 }
 
 template <class Backend>

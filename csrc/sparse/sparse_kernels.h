@@ -140,6 +140,18 @@ struct Unphase {
   T* out1 = nullptr;
 };
 
+// A layer's weight W2 (rows x cols, contiguous) and its kept values in the CSR's order (row_ptr
+// [rows + 1], col [entries], checked): gather reads values from W2, scatter writes all of W2 (the
+// values at their entries, zeros elsewhere: a pruned weight's gradient, made in one pass).
+template <class T>
+struct Kept {
+  int64_t rows = 0, cols = 0, entries = 0;
+  const int32_t* row_ptr = nullptr;
+  const int32_t* col = nullptr;
+  T* dense = nullptr;
+  T* values = nullptr;
+};
+
 // A convolution's compressed weight, from which the ops build the entry lists of its products
 // (sparse_ops.cpp) on the index's device: the CSR (ptr = row_ptr, inner = col) for the forward
 // product, the CSC (ptr = col_ptr, inner = row, perm = csc_to_csr) for the transposed one.
@@ -159,6 +171,10 @@ struct SparseKernels {
   static void dot(const Dot<T>& p);
   template <class T>
   static bool pack(const Pack<T>& p);
+  template <class T>
+  static void gather(const Kept<T>& p);
+  template <class T>
+  static void scatter(const Kept<T>& p);
   // The index checks (sparse_index.h), on data of the backend's device: whether ptr
   // [segments + 1] starts at 0, never decreases and ends at `entries`; whether every one of the
   // `segments` segments of such a ptr holds strictly increasing inner indices in [0, limit);
@@ -199,6 +215,12 @@ template <>
 template <class T>
 void SparseKernels<CpuBackend>::unphase(const Unphase<T>& p);
 template <>
+template <class T>
+void SparseKernels<CpuBackend>::gather(const Kept<T>& p);
+template <>
+template <class T>
+void SparseKernels<CpuBackend>::scatter(const Kept<T>& p);
+template <>
 bool SparseKernels<CpuBackend>::sorted_segments(const int32_t* ptr, int64_t segments, const int32_t* inner,
                                                  int64_t entries, int64_t limit);
 template <>
@@ -211,6 +233,8 @@ bool SparseKernels<CpuBackend>::in_range(const int32_t* index, int64_t n, int64_
   template void SparseKernels<Backend>::dot<T>(const Dot<T>&);                                    \
   template bool SparseKernels<Backend>::pack<T>(const Pack<T>&);                                  \
   template void SparseKernels<Backend>::unphase<T>(const Unphase<T>&);                            \
+  template void SparseKernels<Backend>::gather<T>(const Kept<T>&);                                \
+  template void SparseKernels<Backend>::scatter<T>(const Kept<T>&);                               \
   template void SparseKernels<Backend>::transposed_entries<T>(const ConvIndex&, const T*, const int32_t*, T*, \
                                                               int64_t*);
 

@@ -26,6 +26,7 @@
 #include <c10/util/accumulate.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace robprune {
@@ -335,6 +336,64 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad
     with_kernels(grad, [&](auto k) { decltype(k)::product(p); });
   });
   return {need[0] ? g_x : at::empty({0}, x.options()), need[1] ? g_v : at::empty({0}, x.options())};
+}
+
+namespace {
+
+// W2's rows (weight.size(0)) and columns (the other dimensions' product) of a weight (named name).
+std::pair<int64_t, int64_t> weight_rows(const at::Tensor& weight, const char* name) {
+  check_float(weight, name);
+  TORCH_CHECK(weight.dim() >= 1, name, " must have at least one dimension (out, ...), got a scalar");
+  int64_t cols = 1;
+  for (int64_t d = 1; d < weight.dim(); ++d) cols *= weight.size(d);
+  return {weight.size(0), cols};
+}
+
+template <class T>
+Kept<T> kept(const Csr& csr, int64_t rows, int64_t cols, const at::Tensor& dense, const at::Tensor& values) {
+  Kept<T> p;
+  p.rows = rows;
+  p.cols = cols;
+  p.entries = values.numel();
+  p.row_ptr = csr.row_ptr.const_data_ptr<int32_t>();
+  p.col = csr.col.const_data_ptr<int32_t>();
+  p.dense = const_cast<T*>(dense.const_data_ptr<T>());  // written by scatter only
+  p.values = const_cast<T*>(values.const_data_ptr<T>());  // written by gather only
+  return p;
+}
+
+}  // namespace
+
+at::Tensor sparse_gather(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& col) {
+  const std::pair<int64_t, int64_t> shape = weight_rows(weight, "weight");
+  const int64_t rows = shape.first, cols = shape.second;
+  TORCH_CHECK(col.dim() == 1, "col must be 1-D (one column per kept weight), got shape ", col.sizes());
+  TORCH_CHECK(col.numel() < (int64_t(1) << 31), "col must hold fewer than 2^31 weights, got ", col.numel());
+  const Csr csr = check_csr(row_ptr, col, col.numel(), rows, cols, "weight.size(0)",
+                            "the product of weight's other dimensions", weight, "weight");
+  const at::Tensor w = weight.contiguous();  // logical order: a channels-last weight is copied
+  at::Tensor values = at::empty({col.numel()}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "robprune_sparse_gather", [&] {
+    const Kept<scalar_t> p = kept<scalar_t>(csr, rows, cols, w, values);
+    with_kernels(weight, [&](auto k) { decltype(k)::gather(p); });
+  });
+  return values;
+}
+
+void sparse_scatter_(const at::Tensor& out, const at::Tensor& values, const at::Tensor& row_ptr,
+                     const at::Tensor& col) {
+  const std::pair<int64_t, int64_t> shape = weight_rows(out, "out");
+  const int64_t rows = shape.first, cols = shape.second;
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous (it is written as out.view(out.size(0), -1)), got "
+              "strides ", out.strides());
+  check_values(values, out, "out");
+  const Csr csr = check_csr(row_ptr, col, values.numel(), rows, cols, "out.size(0)",
+                            "the product of out's other dimensions", out, "out");
+  const at::Tensor v = values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "robprune_sparse_scatter_", [&] {
+    const Kept<scalar_t> p = kept<scalar_t>(csr, rows, cols, out, v);
+    with_kernels(out, [&](auto k) { decltype(k)::scatter(p); });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_interval_linear(

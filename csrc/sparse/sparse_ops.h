@@ -27,6 +27,11 @@
 //   sparse_conv2d / _t / _values_grad   the same for a convolution (the transpose is the
 //                           transposed convolution back to input_size), W of shape
 //                           (out, C_in / groups, kernel_size)
+//   sparse_gather           a weight's kept values, values[e] = W2[row of e, col[e]] (W2 =
+//                           weight.view(out, -1), in logical order whatever its strides)
+//   sparse_scatter_         writes all of out (contiguous, W2 = out.view(out, -1)): the values
+//                           at their entries, zeros elsewhere (the gather's gradient, in place
+//                           so the caller may reuse memory the kernel already has mapped)
 //   sparse_interval_linear / _conv2d    the box (W c + b, |W| r) of an input box, in one pass
 //                           over the kept weights, optional ReLU on the input box (relu_in),
 //                           optional (lower, upper) output (out_bounds), the radius checked
@@ -92,6 +97,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad
                                                           const at::Tensor& values, const at::Tensor& col_ptr,
                                                           const at::Tensor& row, const at::Tensor& csc_to_csr,
                                                           std::array<bool, 2> output_mask);
+
+at::Tensor sparse_gather(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& col);
+
+void sparse_scatter_(const at::Tensor& out, const at::Tensor& values, const at::Tensor& row_ptr,
+                     const at::Tensor& col);
 
 std::tuple<at::Tensor, at::Tensor> sparse_interval_linear(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& values,

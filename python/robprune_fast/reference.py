@@ -13,6 +13,8 @@ sends the box (c, r) to (W c + b, |W| r). With ``out_bounds`` the result is retu
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -205,6 +207,20 @@ def csc_dense(values, col_ptr, row, csc_to_csr, rows: int) -> torch.Tensor:
     """W2 (rows, cols) from its CSC (cols: col_ptr's length less one)."""
     w = values.new_zeros(rows, col_ptr.numel() - 1)
     return w.index_put((row.long(), csr_rows(col_ptr)), values[csc_to_csr.long()])
+
+
+def sparse_gather(weight, row_ptr, col):
+    """The kept values of weight, W2[row of e, col[e]] for W2 = weight.reshape(out, -1), in the
+    CSR's order (differentiable in weight)."""
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))[csr_rows(row_ptr), col.long()]
+
+
+def sparse_scatter_(out, values, row_ptr, col):
+    """Writes all of out (contiguous): values at the CSR's entries of out.view(out, -1), zeros
+    elsewhere."""
+    w2 = out.view(out.shape[0], math.prod(out.shape[1:]))
+    w2.zero_()
+    w2.index_put_((csr_rows(row_ptr), col.long()), values)
 
 
 def _conv_weight(w2, channels_per_group: int, kernel_size) -> torch.Tensor:

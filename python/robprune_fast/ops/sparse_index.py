@@ -5,9 +5,10 @@ For a weight of shape (out, ...) the 2-D view W2 = weight.view(out, -1) (in_feat
 for a linear layer, C_in / groups * kH * kW for a convolution) is kept twice:
 
 - CSR over the rows (output channels): ``row_ptr`` int32 [out + 1], ``col`` int32 [nnz],
-  columns sorted within each row, and ``flat_index`` int64 [nnz] into weight.flatten(), so that
-  ``values = torch.take(weight, flat_index)`` is a differentiable gather (a pruned weight gets
-  exactly 0 gradient);
+  columns sorted within each row, from which ``sparse_gather`` reads the values (a
+  differentiable gather: a pruned weight gets exactly 0 gradient, made by ``sparse_scatter_``
+  in one pass), and ``flat_index`` int64 [nnz] into weight.flatten() (``torch.take``'s index,
+  for code outside the kernels);
 - CSC over the columns, for the transposed products (input gradients, CROWN's steps):
   ``col_ptr`` int32 [cols + 1], ``row`` int32 [nnz], rows sorted within each column, and
   ``csc_to_csr`` int32 [nnz] (CSC entry e holds values[csc_to_csr[e]]).
@@ -29,7 +30,9 @@ from typing import NamedTuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import reference
 from . import weight_pair
+from ._dispatch import OPS, _C, call, use_kernel
 
 
 class SparseIndex(NamedTuple):
@@ -159,56 +162,78 @@ def _storage_uses(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(storage._cdata)
 
 
-# weight -> the zeros its last weight gradient was made in (CPU only, see _zeros_for).
+# weight -> the memory its last weight gradient was made in (CPU only, see _gradient_memory_for).
 _gradient_memory = WeakIdKeyDictionary()
 
 
-def _zeros_for(weight: torch.Tensor, like: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """torch.zeros_like(like), for weight's gradient. On the CPU a fresh dense gradient costs
-    more than its whole compressed backward at high sparsity: the allocator hands back memory
-    the kernel must fault in page by page (an 8 MiB linear weight: about 2 ms, against 0.2 ms to
-    zero memory already mapped). So the zeros are made in the memory of the last gradient made
-    for the same weight once nothing else holds it (the optimiser's zero_grad(set_to_none=True)
-    dropped it; counted by the storage's users, so a kept p.grad, a view of it or an
-    accumulating backward gets fresh memory) and zeroed again in full, which is what makes
-    reuse exact whatever was written into it meanwhile. Not while building a graph
-    (create_graph), tracing, or under functorch transforms, nor on other devices, whose
-    allocators keep their memory mapped."""
+def _gradient_memory_for(weight: torch.Tensor, like: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like(like), for weight's gradient, which sparse_scatter_ then writes in full.
+    On the CPU a fresh dense gradient costs more than its whole compressed backward at high
+    sparsity: the allocator hands back memory the kernel must fault in page by page (an 8 MiB
+    linear weight: about 2 ms, against 0.2 ms to write memory already mapped). So the gradient
+    is made in the memory of the last one made for the same weight once nothing else holds it
+    (the optimiser's zero_grad(set_to_none=True) dropped it; counted by the storage's users, so
+    a kept p.grad, a view of it or an accumulating backward gets fresh memory); the scatter
+    writes every element, which is what makes reuse exact whatever was written into it
+    meanwhile. Not while building a graph (create_graph), tracing, or under functorch
+    transforms, nor on other devices, whose allocators keep their memory mapped."""
     reusable = (like.device.type == "cpu" and not torch.is_grad_enabled() and type(grad) is torch.Tensor
                 and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(grad))
     if not reusable:
-        return torch.zeros_like(like)
+        return torch.empty_like(like)
     memory = _gradient_memory.get(weight)
     if (memory is not None and memory.shape == like.shape and memory.stride() == like.stride()
             and memory.dtype == like.dtype and _storage_uses(memory) == _ALONE):
-        return memory.zero_().detach()
-    memory = torch.zeros_like(like)
+        return memory.detach()
+    memory = torch.empty_like(like)
     _gradient_memory[weight] = memory
-    return memory.zero_().detach()
+    return memory.detach()
 
 
 # What _storage_uses says of a tensor nothing else shares storage with.
 _ALONE = _storage_uses(torch.empty(1))
 
 
-class _Gather(torch.autograd.Function):
-    """values = torch.take(weight, flat_index). Its gradient puts the values' gradient back into
-    zeros without accumulating, since the indices are distinct: take's own backward accumulates,
-    at twice the cost."""
+def _gather(weight: torch.Tensor, index: SparseIndex) -> torch.Tensor:
+    """sparse_gather (kernel, or twin where there is none); differentiable in weight."""
+    if use_kernel("sparse_gather", weight.device):
+        return call(OPS.sparse_gather, weight, index.row_ptr, index.col)
+    return reference.sparse_gather(weight, index.row_ptr, index.col)
 
-    @staticmethod
-    def forward(ctx, weight, flat_index):
-        ctx.save_for_backward(flat_index)
+
+def _register_gather():
+    @torch.library.register_fake("robprune_fast::sparse_gather")
+    def _fake(weight, row_ptr, col):
+        return weight.new_empty(col.shape)
+
+    @torch.library.register_fake("robprune_fast::sparse_scatter_")
+    def _fake_scatter(out, values, row_ptr, col):
+        return None
+
+    def setup(ctx, inputs, output):
+        weight, row_ptr, col = inputs
+        ctx.save_for_backward(row_ptr, col)
         ctx.weight = weight.detach()  # only its shape, dtype and layout are read
         ctx.key = weakref.ref(weight)
-        return torch.take(weight, flat_index)
 
-    @staticmethod
+    # The values' gradient put back into a dense one, zeros elsewhere: one pass (sparse_scatter_),
+    # where torch.take's own backward zeroes and then accumulates. With create_graph, or a weight
+    # the kernel does not write in place (not contiguous: channels-last), the differentiable twin.
     def backward(ctx, grad):
-        flat_index, = ctx.saved_tensors
+        row_ptr, col = ctx.saved_tensors
+        like = ctx.weight
+        if torch.is_grad_enabled() or not like.is_contiguous():
+            return reference.csr_dense(grad, row_ptr, col, math.prod(like.shape[1:])).view(like.shape), None, None
         weight = ctx.key()
-        zeros = torch.zeros_like(ctx.weight) if weight is None else _zeros_for(weight, ctx.weight, grad)
-        return zeros.put_(flat_index, grad), None
+        out = torch.empty_like(like) if weight is None else _gradient_memory_for(weight, like, grad)
+        OPS.sparse_scatter_(out, grad, row_ptr, col)
+        return out, None, None
+
+    torch.library.register_autograd("robprune_fast::sparse_gather", backward, setup_context=setup)
+
+
+if _C is not None:
+    _register_gather()
 
 
 # weight -> (key, flat_index weakref, values): inside weight_cache() scopes only, without grad.
@@ -219,15 +244,13 @@ weight_pair.on_scope_exit(_value_cache.clear)
 def gather_values(weight: torch.Tensor, index: SparseIndex) -> torch.Tensor:
     """The kept weights, values = weight.flatten()[flat_index], differentiable in weight; inside
     weight_cache() and without grad, gathered once per weight version."""
-    if torch.is_grad_enabled() and weight.requires_grad:
-        return _Gather.apply(weight, index.flat_index)
-    if not weight_pair.caching():
-        return torch.take(weight, index.flat_index)
+    if (torch.is_grad_enabled() and weight.requires_grad) or not weight_pair.caching():
+        return _gather(weight, index)
     key = _version_key(weight)
     hit = _value_cache.get(weight)
     if key is not None and hit is not None and hit[0] == key and hit[1]() is index.flat_index:
         return hit[2]
-    values = torch.take(weight.detach(), index.flat_index)
+    values = _gather(weight.detach(), index)
     if key is not None:
         _value_cache[weight] = (key, weakref.ref(index.flat_index), values)
     return values
