@@ -804,7 +804,6 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
                             "C_in / groups * kH * kW", center, "center");
   const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), l.out_channels, cols, "out_channels",
                             "C_in / groups * kH * kW", center, "center");
-  // The gradients of the output's centre and radius as gradient planes.
   // The gradients of the output's centre and radius as gradient planes, which the transposed
   // product needs (their margins) and out_bounds makes (from those of the bounds). Without
   // either, the weights' and bias's gradients read the gradients as they are (contiguous):
