@@ -38,7 +38,8 @@ def test_kernels_on_every_instruction_set(isa, flag):
 
 
 def test_generic_kernels():
-    run_tests("generic", *TESTS, "tests/test_sparse_gather.py", "tests/test_sparse_errors.py")
+    run_tests("generic", *TESTS, "tests/test_sparse_gather.py", "tests/test_sparse_retained_planes.py",
+              "tests/test_sparse_errors.py")
 
 
 def test_unknown_instruction_set_is_refused():

@@ -14,7 +14,14 @@
 //   the same VM). Advice only: where the kernel has THP off, nothing changes. torch offers the
 //   same for every allocation with THP_MEM_ALLOC_ENABLE=1.
 //
-// On a GPU neither applies: the caching allocator already recycles blocks without faults, in
+// - retained planes (sparse_planes.h, RetainedPlanes): an input a forward packs when autograd
+//   will ask for its gradient goes to a buffer of its own instead of the shared scratch slot,
+//   and stays there, keyed by the input, for the backward, which would pack the same input
+//   again for the weights' gradient (a ReLU box: read both operands, write both planes, 9% of a
+//   pruned cnn_large's IBP step). The buffers are recycled once their inputs are gone (the
+//   next step's forward finds them mapped).
+//
+// On a GPU none applies: the caching allocator already recycles blocks without faults, in
 // stream order, where a thread's arena would pin device memory for good and hand one buffer to
 // ops queued on different streams. There both are plain allocations.
 #pragma once

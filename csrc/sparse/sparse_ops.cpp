@@ -188,6 +188,13 @@ PackOp box_op(bool relu_in, bool check_radius) {
   return relu_in ? PackOp::kReluBox : check_radius ? PackOp::kCheckBox : PackOp::kCopy;
 }
 
+// Whether a convolution's forward keeps its input planes for the backward (sparse_planes.h):
+// autograd will ask for the weights' gradient, which reads them. (A linear layer's transposed
+// input is a cheap pass in comparison; keeping it measured no faster.)
+PlanesUse forward_planes(const at::Tensor& values) {
+  return values.requires_grad() ? PlanesUse::kKeep : PlanesUse::kScratch;
+}
+
 // The entry lists of a Product or a Dot over batch-contiguous rows: `channels` one-row planes
 // of n columns, channel o's entries [ptr[o], ptr[o + 1]), entry e reading row index[e] (rows ld
 // apart).
@@ -690,7 +697,7 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& values, const c1
   check_bias(bias, l.out_channels, x, "x");
   const Csr csr = check_csr(row_ptr, col, values.numel(), l.out_channels, l.columns(),
                             "out_channels", "C_in / groups * kH * kW", x, "x");
-  const Planes in = input_planes(x, at::Tensor(), l, PackOp::kCopy);
+  const Planes in = input_planes(x, at::Tensor(), l, PackOp::kCopy, forward_planes(values));
   const Entries en = forward_entries(csr, values, l);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const auto format = x.suggest_memory_format();
@@ -747,7 +754,7 @@ at::Tensor sparse_conv2d_values_grad(const at::Tensor& g, const at::Tensor& x, c
   TORCH_CHECK(col.dim() == 1, "col must be 1-D (one column per kept weight), got shape ", col.sizes());
   const Csr csr = check_csr(row_ptr, col, col.size(0), l.out_channels, l.columns(),
                             "out_channels", "C_in / groups * kH * kW", x, "x");
-  const Planes in = input_planes(x, at::Tensor(), l, PackOp::kCopy);
+  const Planes in = input_planes(x, at::Tensor(), l, PackOp::kCopy, PlanesUse::kReuse);
   const Entries en = forward_entries(csr, at::Tensor(), l);
   const at::Tensor gc = g.contiguous();
   at::Tensor dw = at::empty({col.size(0)}, x.options());
@@ -771,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_interval_conv2d(
   check_bias(bias, l.out_channels, center, "center");
   const Csr csr = check_csr(row_ptr, col, values.numel(), l.out_channels, l.columns(),
                             "out_channels", "C_in / groups * kH * kW", center, "center");
-  const Planes in = input_planes(center, radius, l, box_op(relu_in, check_radius));
+  const Planes in = input_planes(center, radius, l, box_op(relu_in, check_radius), forward_planes(values));
   TORCH_CHECK(!(check_radius && in.bad), kRadiusMessage);
   const Entries en = forward_entries(csr, values, l);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
@@ -846,7 +853,7 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
     }
   }
   if (need[2]) {
-    const Planes in = input_planes(center, radius, l, relu_in ? PackOp::kReluBox : PackOp::kCopy);
+    const Planes in = input_planes(center, radius, l, relu_in ? PackOp::kReluBox : PackOp::kCopy, PlanesUse::kReuse);
     const Entries en = forward_entries(csr, values, l);
     g_v = at::empty({values.numel()}, values.options());
     const int64_t plane = planes ? l.plane_g() : l.h.out() * l.w.out(), row = planes ? l.cols_g() : l.w.out();

@@ -21,8 +21,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
 
 namespace robprune {
 
@@ -38,6 +42,7 @@ struct PlaneView {
   int64_t images, channels, height, width;
   int64_t s_image, s_channel, s_row, s_col;
 };
+static_assert(std::has_unique_object_representations_v<PlaneView>, "compared with memcmp");
 
 inline PlaneView conv_view(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
@@ -53,6 +58,7 @@ inline PlaneView batch_view(const at::Tensor& x) {
 struct PlaneGrid {
   int64_t stride_h = 1, stride_w = 1, top = 0, left = 0, rows = 1, cols = 0;
 };
+static_assert(std::has_unique_object_representations_v<PlaneGrid>, "compared with memcmp");
 
 // The planes of x (and of x1, read with x's strides: a pair laid out alike), each a flat
 // scratch buffer (slots `slot` and the next) with slack(grid.cols) zeros after the planes, on
@@ -62,17 +68,142 @@ struct Planes {
   bool bad = false;
 };
 
-inline Planes pack_planes(const at::Tensor& x, const at::Tensor& x1, const PlaneView& v, const PlaneGrid& g,
-                          PackOp op, Scratch slot) {
-  const int64_t n = v.images * v.channels * g.stride_h * g.stride_w * g.rows * g.cols;
-  const int64_t extra = slack(g.cols);
-  Planes out;
-  out.a = scratch(slot, n + extra, x.options());
-  out.a.narrow(0, n, extra).zero_();
-  if (x1.defined()) {
-    out.b = scratch(static_cast<Scratch>(static_cast<int>(slot) + 1), n + extra, x.options());
-    out.b.narrow(0, n, extra).zero_();
+// The input planes packed by the forwards whose backward will pack the same input again (the
+// weights' gradient reads them), per thread (a CPU backward runs on the thread that calls it),
+// at most kEntries: the last layers' inputs, whose backward comes first. An entry answers for
+// the same input tensors (weak references: it never keeps an input alive, and a freed input's
+// address is never taken for it while the entry holds one), at the same versions (no in-place
+// change since, as autograd's saved tensors require), data pointers, view, grid and op: the
+// planes a pack would write, bit for bit. An entry whose input is gone lends its buffers to the
+// next forward, so a training step's forwards reuse the last step's memory; the least recently
+// used entry goes when all are live. The buffers stay with the thread (at most kEntries of a
+// layer's planes).
+class RetainedPlanes {
+ public:
+  static constexpr size_t kEntries = 8;
+
+  static RetainedPlanes& local() {
+    thread_local RetainedPlanes pool;
+    return pool;
   }
+
+  RetainedPlanes() { entries_.reserve(kEntries); }  // pointers into entries_ stay valid
+
+  // The planes of (x, x1) packed under (view, grid) by op, if an entry holds them. A copy is
+  // served by a checked copy too (same planes), never the other way round (the check would be
+  // skipped).
+  const Planes* find(const at::Tensor& x, const at::Tensor& x1, const PlaneView& v, const PlaneGrid& g, PackOp op) {
+    for (Entry& e : entries_)
+      if (e.matches(x, x1, v, g, op)) {
+        e.used = ++clock_;
+        return &e.planes;
+      }
+    return nullptr;
+  }
+
+  // Buffers of at least n elements (two with pair) for a forward's pack.
+  Planes& acquire(int64_t n, bool pair, const at::TensorOptions& options) {
+    const auto dtype = options.dtype().toScalarType();
+    auto holds = [&](const at::Tensor& buffer) {
+      return buffer.defined() && buffer.numel() >= n && buffer.scalar_type() == dtype;
+    };
+    // A free entry whose buffers fit, the smallest (layers of several sizes keep theirs), else
+    // a new entry, else the least recently used free one, else the least recently used.
+    Entry* pick = nullptr;
+    for (Entry& e : entries_)
+      if (!e.live() && holds(e.planes.a) && (!pair || holds(e.planes.b)) &&
+          (!pick || e.planes.a.numel() < pick->planes.a.numel()))
+        pick = &e;
+    if (!pick && entries_.size() < kEntries) pick = &entries_.emplace_back();
+    for (int pass = 0; pass < 2 && !pick; ++pass)
+      for (Entry& e : entries_)
+        if ((pass == 1 || !e.live()) && (!pick || e.used < pick->used)) pick = &e;
+    pick->forget();
+    auto fit = [&](at::Tensor& buffer) {
+      if (!holds(buffer)) buffer = at::empty({n}, options);
+    };
+    fit(pick->planes.a);
+    if (pair) fit(pick->planes.b);
+    pending_ = pick;
+    return pick->planes;
+  }
+
+  // The entry of the last acquire() now answers for (x, x1) under (v, g, op); any older entry
+  // of the same input goes (its planes may be of the input before a change .data made).
+  void record(const at::Tensor& x, const at::Tensor& x1, const PlaneView& v, const PlaneGrid& g, PackOp op) {
+    for (Entry& e : entries_)
+      if (&e != pending_ && e.keyed && Entry::same(e.x, x)) e.forget();
+    pending_->remember(x, x1, v, g, op);
+    pending_->used = ++clock_;
+    pending_ = nullptr;
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+  struct Entry {
+    Weak x{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+    Weak x1{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+    int64_t x_version = -1, x1_version = -1;
+    const void* x_data = nullptr;
+    const void* x1_data = nullptr;
+    PlaneView view{};
+    PlaneGrid grid{};
+    PackOp op = PackOp::kCopy;
+    bool keyed = false;
+    Planes planes;
+    uint64_t used = 0;
+
+    bool live() const { return keyed && !x.expired() && (x1_data == nullptr || !x1.expired()); }
+    void forget() {
+      keyed = false;
+      x = x1 = Weak(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>());
+    }
+    static bool same(const Weak& w, const at::Tensor& t) {
+      auto held = w.lock();
+      return held.defined() && held.get() == t.unsafeGetTensorImpl();
+    }
+    bool matches(const at::Tensor& t, const at::Tensor& t1, const PlaneView& v, const PlaneGrid& g, PackOp o) const {
+      const bool serves = o == op || (o == PackOp::kCopy && op == PackOp::kCheckBox);
+      if (!keyed || !serves || t.data_ptr() != x_data || t._version() != x_version || !same(x, t)) return false;
+      if (t1.defined() != (x1_data != nullptr)) return false;
+      if (t1.defined() && (t1.data_ptr() != x1_data || t1._version() != x1_version || !same(x1, t1))) return false;
+      return std::memcmp(&v, &view, sizeof v) == 0 && std::memcmp(&g, &grid, sizeof g) == 0;
+    }
+    void remember(const at::Tensor& t, const at::Tensor& t1, const PlaneView& v, const PlaneGrid& g, PackOp o) {
+      x = Weak(t.getIntrusivePtr());
+      x_version = t._version();
+      x_data = t.data_ptr();
+      if (t1.defined()) {
+        x1 = Weak(t1.getIntrusivePtr());
+        x1_version = t1._version();
+        x1_data = t1.data_ptr();
+      } else {
+        x1_data = nullptr;
+      }
+      view = v;
+      grid = g;
+      op = o;
+      keyed = true;
+    }
+  };
+
+  std::vector<Entry> entries_;
+  Entry* pending_ = nullptr;
+  uint64_t clock_ = 0;
+};
+
+// The elements of the planes a Pack writes under (v, g), and the slack after them.
+inline int64_t planes_numel(const PlaneView& v, const PlaneGrid& g) {
+  return v.images * v.channels * g.stride_h * g.stride_w * g.rows * g.cols + slack(g.cols);
+}
+
+// The planes of x (and x1) through op, written to out's buffers (planes_numel elements each).
+inline Planes pack_into(Planes out, const at::Tensor& x, const at::Tensor& x1, const PlaneView& v,
+                        const PlaneGrid& g, PackOp op) {
+  const int64_t extra = slack(g.cols), n = planes_numel(v, g) - extra;
+  out.a.narrow(0, n, extra).zero_();
+  if (x1.defined()) out.b.narrow(0, n, extra).zero_();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_sparse_pack", [&] {
     Pack<scalar_t> p;
     p.images = v.images;
@@ -99,15 +230,48 @@ inline Planes pack_planes(const at::Tensor& x, const at::Tensor& x1, const Plane
   return out;
 }
 
+// The planes of x (and x1) in the scratch slots from `slot` on.
+inline Planes pack_planes(const at::Tensor& x, const at::Tensor& x1, const PlaneView& v, const PlaneGrid& g,
+                          PackOp op, Scratch slot) {
+  const int64_t n = planes_numel(v, g);
+  Planes out;
+  out.a = scratch(slot, n, x.options());
+  if (x1.defined()) out.b = scratch(static_cast<Scratch>(static_cast<int>(slot) + 1), n, x.options());
+  return pack_into(out, x, x1, v, g, op);
+}
+
 // x1 with x's strides (a copy when they differ), so that one Pack reads both.
 inline at::Tensor strided_like(const at::Tensor& x1, const at::Tensor& x) {
   return x1.strides() == x.strides() ? x1 : at::empty_like(x).copy_(x1);
 }
 
+// Where a convolution's input planes go, or come from (RetainedPlanes, on the CPU): a scratch
+// slot (kScratch: nothing will ask for them again); a retained buffer (kKeep: a forward whose
+// weights' gradient autograd will ask for); an entry a forward kept, else a scratch slot
+// (kReuse: that gradient, in the backward). Only backward ops reuse: a forward repeated on an
+// input changed through .data (no version bump: an attack's step, gradcheck's perturbations)
+// must see the change, as the dense layer would.
+enum class PlanesUse { kScratch, kKeep, kReuse };
+
 // The input planes of a convolution (and of the second operand of a pair).
-inline Planes input_planes(const at::Tensor& x, const at::Tensor& x1, const ConvLayout& l, PackOp op) {
-  return pack_planes(x, x1.defined() ? strided_like(x1, x) : x1, conv_view(x),
-                     {l.h.stride, l.w.stride, l.h.pad, l.w.pad, l.rows_q(), l.cols_q()}, op, Scratch::kInput);
+inline Planes input_planes(const at::Tensor& x, const at::Tensor& x1, const ConvLayout& l, PackOp op,
+                           PlanesUse use = PlanesUse::kScratch) {
+  const at::Tensor y1 = x1.defined() ? strided_like(x1, x) : x1;
+  const PlaneView v = conv_view(x);
+  const PlaneGrid g{l.h.stride, l.w.stride, l.h.pad, l.w.pad, l.rows_q(), l.cols_q()};
+  if (!x.is_cpu() || use == PlanesUse::kScratch) return pack_planes(x, y1, v, g, op, Scratch::kInput);
+  RetainedPlanes& pool = RetainedPlanes::local();
+  const int64_t n = planes_numel(v, g);
+  if (use == PlanesUse::kReuse) {
+    if (const Planes* hit = pool.find(x, y1, v, g, op))
+      return {hit->a.narrow(0, 0, n), y1.defined() ? hit->b.narrow(0, 0, n) : at::Tensor(), false};
+    return pack_planes(x, y1, v, g, op, Scratch::kInput);
+  }
+  const Planes& buffers = pool.acquire(n, y1.defined(), x.options());
+  const Planes out = pack_into({buffers.a.narrow(0, 0, n), y1.defined() ? buffers.b.narrow(0, 0, n) : at::Tensor()},
+                               x, y1, v, g, op);
+  if (!out.bad) pool.record(x, y1, v, g, op);
+  return out;
 }
 
 // The gradient planes of a convolution's output gradient (and of the second operand).
