@@ -150,11 +150,11 @@ class RetainedPlanes {
     PlaneView view{};
     PlaneGrid grid{};
     PackOp op = PackOp::kCopy;
-    bool keyed = false;
+    bool keyed = false, pair = false;
     Planes planes;
     uint64_t used = 0;
 
-    bool live() const { return keyed && !x.expired() && (x1_data == nullptr || !x1.expired()); }
+    bool live() const { return keyed && !x.expired() && (!pair || !x1.expired()); }
     void forget() {
       keyed = false;
       x = x1 = Weak(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>());
@@ -166,7 +166,7 @@ class RetainedPlanes {
     bool matches(const at::Tensor& t, const at::Tensor& t1, const PlaneView& v, const PlaneGrid& g, PackOp o) const {
       const bool serves = o == op || (o == PackOp::kCopy && op == PackOp::kCheckBox);
       if (!keyed || !serves || t.data_ptr() != x_data || t._version() != x_version || !same(x, t)) return false;
-      if (t1.defined() != (x1_data != nullptr)) return false;
+      if (t1.defined() != pair) return false;
       if (t1.defined() && (t1.data_ptr() != x1_data || t1._version() != x1_version || !same(x1, t1))) return false;
       return std::memcmp(&v, &view, sizeof v) == 0 && std::memcmp(&g, &grid, sizeof g) == 0;
     }
@@ -174,12 +174,11 @@ class RetainedPlanes {
       x = Weak(t.getIntrusivePtr());
       x_version = t._version();
       x_data = t.data_ptr();
-      if (t1.defined()) {
+      pair = t1.defined();
+      if (pair) {
         x1 = Weak(t1.getIntrusivePtr());
         x1_version = t1._version();
         x1_data = t1.data_ptr();
-      } else {
-        x1_data = nullptr;
       }
       view = v;
       grid = g;
