@@ -67,13 +67,14 @@ stage throw_check 120 $PY scripts/throw_check.py
 stage tests_cuda 180 env OMP_NUM_THREADS=1 $PY -m pytest -q -rfEs -p no:cacheprovider -k cuda tests
 stage errors_raise 60 $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_errors_raise.py
 # Out-of-bounds accesses and races the value checks cannot see (where the runtime supports it).
-# The compressed path's tests add ~115 float32 CUDA cases (linear, conv plane sizes, interval).
+# The compressed path's tests add ~150 float32 CUDA cases (linear, conv plane sizes, interval, gather/scatter).
 stage sanitizer 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY -m pytest -q -x -p no:cacheprovider -k "cuda and float32" \
   tests/test_interval_linear.py tests/test_interval_conv2d.py tests/test_input_box.py \
   tests/test_relu_box_.py tests/test_crown_relu_backward.py tests/test_crown_linear_backward.py \
   tests/test_crown_conv2d_backward.py tests/test_masked_weight_pair.py tests/test_degenerate_shapes.py \
-  tests/test_sparse_linear.py tests/test_sparse_conv2d.py tests/test_sparse_interval.py
+  tests/test_sparse_linear.py tests/test_sparse_conv2d.py tests/test_sparse_interval.py \
+  tests/test_sparse_gather.py
 fi
 
 if want speed; then
