@@ -6,6 +6,7 @@
 #include "../csrc/interval/interval_ops.h"
 #include "../csrc/sparse/sparse_ops.h"
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <torch/headeronly/version.h>
 #include <pybind11/pybind11.h>
@@ -163,6 +164,20 @@ TORCH_LIBRARY_IMPL(robprune_fast, CPU, m) { register_ops(m); }
 #ifdef ROBPRUNE_WITH_CUDA
 TORCH_LIBRARY_IMPL(robprune_fast, CUDA, m) { register_ops(m); }
 #endif
+
+// The ops that compute gradients have no derivative of their own. Without an autograd kernel
+// torch lets a second backward (create_graph) run through them as if they were constants, with
+// a deprecation warning: a silently wrong second derivative (a gradient penalty's, a
+// Hessian-vector product's). Their autograd kernel is torch's strict fallback instead, whose
+// backward raises "derivative for robprune_fast::<op> is not implemented".
+TORCH_LIBRARY_IMPL(robprune_fast, Autograd, m) {
+  for (const char* op : {"interval_linear_backward", "interval_conv2d_backward", "crown_relu_backward_grad",
+                         "crown_linear_backward_grad", "crown_conv2d_backward_grad", "masked_linear_backward",
+                         "masked_conv2d_backward", "sparse_linear_values_grad", "sparse_linear_backward",
+                         "sparse_conv2d_values_grad", "sparse_interval_linear_backward",
+                         "sparse_interval_conv2d_backward"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+}
 
 PYBIND11_MODULE(_C, module) {
   module.doc() = "robprune_fast's compiled operators (registered in torch.ops.robprune_fast)";
