@@ -18,6 +18,8 @@ than the dense cuBLAS / cuDNN layer).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -25,8 +27,8 @@ from .. import reference
 from ._dispatch import OPS, _C, call, saving, use_kernel
 from .checks import check_box, check_layer, conv_input
 from .crossover import crossover  # noqa: F401  (ops.sparse.crossover: the path choice)
-from .sparse_index import (SparseIndex, csc_of, csr_of, gather_values, mask_density, mask_index,  # noqa: F401
-                           pack_mask)
+from .sparse_index import (SparseIndex, csc_of, csr_of, dense_gradient, gather_values, mask_density,  # noqa: F401
+                           mask_index, pack_mask)
 
 
 def _conv_args(weight, stride, padding, dilation, groups):
@@ -41,8 +43,48 @@ def linear(x, weight, bias, mask):
     checked by ops.masked_linear."""
     index = mask_index(mask)
     x2 = x.reshape(-1, x.shape[-1])
-    y = sparse_linear(x2, gather_values(weight, index), bias, index)
+    if _trains_as_one_node(x2, weight):
+        y = _TrainedLinear.apply(x2, weight, bias, index)
+    else:
+        y = sparse_linear(x2, gather_values(weight, index), bias, index)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _trains_as_one_node(x, weight) -> bool:
+    """Whether a compressed linear layer takes _TrainedLinear: a weight autograd will ask the
+    gradient of, the kernels, and no trace or functorch transform (which take the ops, their
+    autograd registered with torch.library)."""
+    return (torch.is_grad_enabled() and weight.requires_grad and use_kernel("sparse_linear", x.device)
+            and use_kernel("sparse_gather", weight.device) and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(weight))
+
+
+class _TrainedLinear(torch.autograd.Function):
+    """A compressed linear layer whose weight trains, as one autograd node: forward gathers the
+    kept values and runs the product; backward is sparse_linear's formula and sparse_gather's
+    (dense_gradient) at once. The ops' own autograd makes two nodes, each a trip through
+    torch.library's Python autograd layer: about 0.4 ms of a 2.5 ms forward + backward of linear
+    4096->512 at 99% sparsity (BENCHMARKS.md). With create_graph the backward op has no formula
+    of its own, as on the ops' path: a second backward raises."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index: SparseIndex):
+        values = call(OPS.sparse_gather, weight, index.row_ptr, index.col)
+        ctx.save_for_backward(x, values)
+        ctx.index = index
+        ctx.like = weight.detach()  # only its shape, dtype and layout are read
+        ctx.key = weakref.ref(weight)
+        return call(OPS.sparse_linear, x, values, bias, index.row_ptr, index.col, index.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, values = ctx.saved_tensors
+        index = ctx.index
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gv = OPS.sparse_linear_backward(g, x, values, *index.csc, [need_x, need_w])
+        gw = dense_gradient(gv, ctx.like, ctx.key(), index.row_ptr, index.col) if need_w else None
+        return gx if need_x else None, gw, g.sum(0) if need_b else None, None
 
 
 def conv2d(x, weight, bias, mask, stride, padding, dilation, groups):

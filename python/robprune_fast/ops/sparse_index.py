@@ -216,20 +216,26 @@ def _register_gather():
         ctx.weight = weight.detach()  # only its shape, dtype and layout are read
         ctx.key = weakref.ref(weight)
 
-    # The values' gradient put back into a dense one, zeros elsewhere: one pass (sparse_scatter_),
-    # where torch.take's own backward zeroes and then accumulates. With create_graph, or a weight
-    # the kernel does not write in place (not contiguous: channels-last), the differentiable twin.
     def backward(ctx, grad):
         row_ptr, col = ctx.saved_tensors
-        like = ctx.weight
-        if torch.is_grad_enabled() or not like.is_contiguous():
-            return reference.csr_dense(grad, row_ptr, col, math.prod(like.shape[1:])).view(like.shape), None, None
-        weight = ctx.key()
-        out = torch.empty_like(like) if weight is None else _gradient_memory_for(weight, like, grad)
-        OPS.sparse_scatter_(out, grad, row_ptr, col)
-        return out, None, None
+        return dense_gradient(grad, ctx.weight, ctx.key(), row_ptr, col), None, None
 
     torch.library.register_autograd("robprune_fast::sparse_gather", backward, setup_context=setup)
+
+
+def dense_gradient(grad: torch.Tensor, like: torch.Tensor, weight: torch.Tensor | None, row_ptr: torch.Tensor,
+                   col: torch.Tensor) -> torch.Tensor:
+    """sparse_gather's backward: the kept values' gradient grad put back into a dense one shaped
+    like `like` (the weight, detached), zeros elsewhere, in one pass (sparse_scatter_), where
+    torch.take's own backward zeroes and then accumulates; in the memory of the weight's last
+    gradient where nothing holds it (_gradient_memory_for; weight: the weight, None once it is
+    gone). With create_graph, or a weight the kernel does not write in place (not contiguous:
+    channels-last), the differentiable twin."""
+    if torch.is_grad_enabled() or not like.is_contiguous():
+        return reference.csr_dense(grad, row_ptr, col, math.prod(like.shape[1:])).view(like.shape)
+    out = torch.empty_like(like) if weight is None else _gradient_memory_for(weight, like, grad)
+    OPS.sparse_scatter_(out, grad, row_ptr, col)
+    return out
 
 
 if _C is not None:
