@@ -1,7 +1,8 @@
-"""The input planes a compressed convolution's forward retains for its backward
+"""The input planes a compressed layer's forward retains for its backward
 (csrc/sparse/sparse_planes.h, RetainedPlanes): a forward whose values require grad keeps its
-packed input, and the backward op reuses it only for the very same input, unchanged, packed by
-the same op. Every case calls the backward op
+packed input (a convolution's planes, a linear layer's transposed rows), and the backward op
+reuses it only for the very same input, unchanged, packed by the same op. Every case calls the
+backward op
 directly with an input that differs from the forward's in one way a stale entry would miss,
 and compares with the twin."""
 import pytest
@@ -150,3 +151,57 @@ def test_unchecked_planes_never_skip_a_radius_check():
     OPS.sparse_interval_conv2d(center, radius, values.detach().requires_grad_(True), *args, False)
     with pytest.raises(RuntimeError, match="radius"):
         OPS.sparse_interval_conv2d(center, radius, values.detach().requires_grad_(True), *args, True)
+
+
+# --- linear layers: the input's transposed rows ------------------------------------------------------
+
+
+def linear_problem(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 12, generator=g)
+    index, values = compressed(w, random_mask(w.shape, 0.6, torch.float32, "cpu", g))
+    return torch.randn(7, 12, generator=g), values, index, torch.randn(7, 5, generator=g)
+
+
+def linear_forward(x, values, index):
+    return OPS.sparse_linear(x, values.detach().requires_grad_(True), None, index.row_ptr, index.col, 5)
+
+
+@pytest.mark.parametrize("change", [None, "in place", ".data, then a second forward", "a new input"])
+def test_linear_backward_reads_the_input_as_it_is(change):
+    x, values, index, grad = linear_problem()
+    linear_forward(x, values, index)
+    if change == "in place":
+        with torch.no_grad():
+            x.mul_(-3.0).add_(1.0)
+    elif change == ".data, then a second forward":
+        x.data.mul_(-2.0).add_(0.5)
+        linear_forward(x, values, index)
+    elif change == "a new input":
+        x = linear_problem(6)[0]
+    gx, gv = OPS.sparse_linear_backward(grad, x, values, *index.csc, [True, True])
+    leaf_x, leaf_v = x.detach().requires_grad_(True), values.detach().requires_grad_(True)
+    reference.sparse_linear(leaf_x, leaf_v, None, index.row_ptr, index.col, 5).backward(grad)
+    torch.testing.assert_close(gv, leaf_v.grad, **TOL[torch.float32], msg=f"values' gradient after {change}")
+    torch.testing.assert_close(gx, leaf_x.grad, **TOL[torch.float32], msg=f"input's gradient after {change}")
+
+
+@pytest.mark.parametrize("relu_in", [False, True])
+def test_interval_linear_backward_after_input_change(relu_in):
+    g = torch.Generator().manual_seed(7)
+    center, radius = torch.randn(6, 12, generator=g), torch.rand(6, 12, generator=g)
+    w = torch.randn(5, 12, generator=g)
+    index, values = compressed(w, random_mask(w.shape, 0.6, torch.float32, "cpu", g))
+    args = (index.row_ptr, index.col, 5, relu_in, False)
+    a, _ = OPS.sparse_interval_linear(center, radius, values.detach().requires_grad_(True), None, *args)
+    ga, gb = torch.randn(a.shape, generator=g), torch.rand(a.shape, generator=g)
+    for change in (None, "center", "radius"):
+        if change:
+            with torch.no_grad():
+                (center if change == "center" else radius).mul_(0.5)
+        got = OPS.sparse_interval_linear_backward(ga, gb, center, radius, values, *args[:2], *index.csc, relu_in,
+                                                  False, [False, False, True, False])[2]
+        leaf = values.detach().requires_grad_(True)
+        want_a, want_b = reference.sparse_interval_linear(center, radius, leaf, None, *args)
+        torch.autograd.backward([want_a, want_b], [ga, gb])
+        torch.testing.assert_close(got, leaf.grad, **TOL[torch.float32], msg=f"after changing {change}")

@@ -188,9 +188,8 @@ PackOp box_op(bool relu_in, bool check_radius) {
   return relu_in ? PackOp::kReluBox : check_radius ? PackOp::kCheckBox : PackOp::kCopy;
 }
 
-// Whether a convolution's forward keeps its input planes for the backward (sparse_planes.h):
-// autograd will ask for the weights' gradient, which reads them. (A linear layer's transposed
-// input is a cheap pass in comparison; keeping it measured no faster.)
+// Whether a layer's forward keeps its input planes (a linear layer's transposed rows) for the
+// backward (sparse_planes.h): autograd will ask for the weights' gradient, which reads them.
 PlanesUse forward_planes(const at::Tensor& values) {
   return values.requires_grad() ? PlanesUse::kKeep : PlanesUse::kScratch;
 }
@@ -267,7 +266,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const c1
                          const at::Tensor& row_ptr, const at::Tensor& col, int64_t out_features) {
   check_float(x, "x");
   const Csr csr = check_linear_args(x, "x", values, bias, row_ptr, col, out_features);
-  const Batch in = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput);
+  const Batch in = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput, forward_planes(values));
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_sparse_linear", [&] {
@@ -329,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& grad
   const Csc csc = check_csc(col_ptr, row, csc_to_csr, values.numel(), out_features, in_features,
                             "out_features = grad.size(1)", "in_features = x.size(1)", grad, "grad");
   const Batch g = batch_rows(grad, at::Tensor(), PackOp::kCopy, Scratch::kGradient);
-  const Batch xb = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput);
+  const Batch xb = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput, PlanesUse::kReuse);
   const at::Tensor w = values.contiguous();
   at::Tensor g_x = at::empty({n, in_features}, x.options()), g_v = at::empty({values.numel()}, values.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "robprune_sparse_linear_backward", [&] {
@@ -410,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_interval_linear(
   check_box(center, radius);
   const Csr csr = check_linear_args(center, "center", values, bias, row_ptr, col, out_features);
   const int64_t n = center.size(0);
-  const Batch in = batch_rows(center, radius, box_op(relu_in, check_radius), Scratch::kInput);
+  const Batch in = batch_rows(center, radius, box_op(relu_in, check_radius), Scratch::kInput, forward_planes(values));
   TORCH_CHECK(!(check_radius && in.rows.bad), kRadiusMessage);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
   at::Tensor a = at::empty({n, out_features}, center.options()), z = at::empty_like(a);
@@ -451,7 +450,8 @@ Grads4 sparse_interval_linear_backward(const at::Tensor& grad_a, const at::Tenso
     if (relu_in) std::tie(g_c, g_r) = relu_backward(g_c, g_r, center, radius);
   }
   if (need[2]) {
-    const Batch x = batch_rows(center, radius, relu_in ? PackOp::kReluBox : PackOp::kCopy, Scratch::kInput);
+    const Batch x = batch_rows(center, radius, relu_in ? PackOp::kReluBox : PackOp::kCopy, Scratch::kInput,
+                               PlanesUse::kReuse);
     g_v = at::empty({values.numel()}, values.options());
     AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_linear_backward", [&] {
       batch_dot<scalar_t>(csc, g, x, n, v, mutable_data<scalar_t>(g_v));

@@ -244,33 +244,37 @@ inline at::Tensor strided_like(const at::Tensor& x1, const at::Tensor& x) {
   return x1.strides() == x.strides() ? x1 : at::empty_like(x).copy_(x1);
 }
 
-// Where a convolution's input planes go, or come from (RetainedPlanes, on the CPU): a scratch
-// slot (kScratch: nothing will ask for them again); a retained buffer (kKeep: a forward whose
+// Where a layer's input planes go, or come from (RetainedPlanes, on the CPU): a scratch slot
+// (kScratch: nothing will ask for them again); a retained buffer (kKeep: a forward whose
 // weights' gradient autograd will ask for); an entry a forward kept, else a scratch slot
 // (kReuse: that gradient, in the backward). Only backward ops reuse: a forward repeated on an
 // input changed through .data (no version bump: an attack's step, gradcheck's perturbations)
 // must see the change, as the dense layer would.
 enum class PlanesUse { kScratch, kKeep, kReuse };
 
-// The input planes of a convolution (and of the second operand of a pair).
-inline Planes input_planes(const at::Tensor& x, const at::Tensor& x1, const ConvLayout& l, PackOp op,
-                           PlanesUse use = PlanesUse::kScratch) {
-  const at::Tensor y1 = x1.defined() ? strided_like(x1, x) : x1;
-  const PlaneView v = conv_view(x);
-  const PlaneGrid g{l.h.stride, l.w.stride, l.h.pad, l.w.pad, l.rows_q(), l.cols_q()};
-  if (!x.is_cpu() || use == PlanesUse::kScratch) return pack_planes(x, y1, v, g, op, Scratch::kInput);
+// The planes of a layer's input x (and x1, laid out alike) under (v, g) through op, per use.
+inline Planes kept_planes(const at::Tensor& x, const at::Tensor& x1, const PlaneView& v, const PlaneGrid& g,
+                          PackOp op, PlanesUse use) {
+  if (!x.is_cpu() || use == PlanesUse::kScratch) return pack_planes(x, x1, v, g, op, Scratch::kInput);
   RetainedPlanes& pool = RetainedPlanes::local();
   const int64_t n = planes_numel(v, g);
   if (use == PlanesUse::kReuse) {
-    if (const Planes* hit = pool.find(x, y1, v, g, op))
-      return {hit->a.narrow(0, 0, n), y1.defined() ? hit->b.narrow(0, 0, n) : at::Tensor(), false};
-    return pack_planes(x, y1, v, g, op, Scratch::kInput);
+    if (const Planes* hit = pool.find(x, x1, v, g, op))
+      return {hit->a.narrow(0, 0, n), x1.defined() ? hit->b.narrow(0, 0, n) : at::Tensor(), false};
+    return pack_planes(x, x1, v, g, op, Scratch::kInput);
   }
-  const Planes& buffers = pool.acquire(n, y1.defined(), x.options());
-  const Planes out = pack_into({buffers.a.narrow(0, 0, n), y1.defined() ? buffers.b.narrow(0, 0, n) : at::Tensor()},
-                               x, y1, v, g, op);
-  if (!out.bad) pool.record(x, y1, v, g, op);
+  const Planes& buffers = pool.acquire(n, x1.defined(), x.options());
+  const Planes out = pack_into({buffers.a.narrow(0, 0, n), x1.defined() ? buffers.b.narrow(0, 0, n) : at::Tensor()},
+                               x, x1, v, g, op);
+  if (!out.bad) pool.record(x, x1, v, g, op);
   return out;
+}
+
+// The input planes of a convolution (and of the second operand of a pair).
+inline Planes input_planes(const at::Tensor& x, const at::Tensor& x1, const ConvLayout& l, PackOp op,
+                           PlanesUse use = PlanesUse::kScratch) {
+  return kept_planes(x, x1.defined() ? strided_like(x1, x) : x1, conv_view(x),
+                     {l.h.stride, l.w.stride, l.h.pad, l.w.pad, l.rows_q(), l.cols_q()}, op, use);
 }
 
 // The gradient planes of a convolution's output gradient (and of the second operand).
@@ -296,10 +300,15 @@ struct Batch {
 
 // x (and x1, laid out alike after strided_like) through a Pack op, as batch-contiguous rows
 // in scratch slots from `slot` on (kInput for a layer's input, kGradient for its output's
-// gradient).
-inline Batch batch_rows(const at::Tensor& x, const at::Tensor& x1, PackOp op, Scratch slot) {
+// gradient); a layer's input per `use` (kept_planes).
+inline Batch batch_rows(const at::Tensor& x, const at::Tensor& x1, PackOp op, Scratch slot,
+                        PlanesUse use = PlanesUse::kScratch) {
   const int64_t ld = batch_ld(x.size(0), x.element_size());
-  return {pack_planes(x, x1.defined() ? strided_like(x1, x) : x1, batch_view(x), {1, 1, 0, 0, 1, ld}, op, slot), ld};
+  const at::Tensor y1 = x1.defined() ? strided_like(x1, x) : x1;
+  const PlaneView v = batch_view(x);
+  const PlaneGrid g{1, 1, 0, 0, 1, ld};
+  TORCH_INTERNAL_ASSERT(use == PlanesUse::kScratch || slot == Scratch::kInput, "only a layer's input is kept");
+  return {use == PlanesUse::kScratch ? pack_planes(x, y1, v, g, op, slot) : kept_planes(x, y1, v, g, op, use), ld};
 }
 
 }  // namespace robprune

@@ -70,7 +70,9 @@ class _TrainedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, index: SparseIndex):
-        values = call(OPS.sparse_gather, weight, index.row_ptr, index.col)
+        # Marked as requiring grad, as the ops' path's values are: the product's kernels then keep
+        # their input's transposed rows for the backward (forward_planes, sparse_ops.cpp).
+        values = call(OPS.sparse_gather, weight, index.row_ptr, index.col).requires_grad_()
         ctx.save_for_backward(x, values)
         ctx.index = index
         ctx.like = weight.detach()  # only its shape, dtype and layout are read
