@@ -1,6 +1,8 @@
 """A network pruned to 90% in every layer against the dense one: an IBP training step, on
-the compressed path and on the dense one, and the sound bounds that verification computes
-(no gradients, the layers' path left at "auto").
+the compressed path and on the dense one (masked layers, whose weights are dense parameters),
+and with the kept weights as the parameters (nn.compress: what fine-tuning with the masks fixed
+trains), and the sound bounds that verification computes (no gradients, the layers' path left at
+"auto").
 
     python benchmarks/pruned_ibp_step.py --model cnn_large --sparsity 0.9 --batch 128 --repeats 7
 
@@ -63,9 +65,10 @@ def main(argv=None) -> dict:
         for layer in rnn.masked_modules(pruned).values():
             layer.path = path
         variants[f"pruned_{path}_path"] = pruned
+    variants["pruned_kept_values"] = rnn.compress(copy.deepcopy(variants["pruned_sparse_path"]))
     # Each variant is compared with the dense model doing the same thing.
     fns, baseline = {}, {}
-    for name in ("dense", "pruned_dense_path", "pruned_sparse_path"):
+    for name in ("dense", "pruned_dense_path", "pruned_sparse_path", "pruned_kept_values"):
         fns[f"step_{name}"] = step_fn(variants[name], objective, x, y)
         baseline[f"step_{name}"] = "step_dense"
     for method in ("ibp", "crown-ibp"):

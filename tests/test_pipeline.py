@@ -185,3 +185,24 @@ def test_channel_pruning_and_no_finetuning_run(tmp_path):
     dense, pruned = results["rows"]
     assert pruned["files"]["parameters"] < dense["files"]["parameters"]  # physically smaller
     assert pruned["variant"] == "channel-s0.5-magnitude"
+
+
+def test_compressed_finetuning_follows_the_masked_one(reference, tmp_path):
+    """finetune.compressed trains the kept weights only (nn.compress) and ends where the masked
+    fine-tuning ends, up to rounding (other summation orders), masks unchanged; the schedule
+    that changes masks while fine-tuning is refused."""
+    out, _ = reference
+    run = pipeline.Run(pipeline.load(_config(tmp_path, finetune__compressed=True)))
+    ref = pipeline.Run(pipeline.load(out.parent / "run.yaml"))
+    pruned = ref.prune(ref.pretrain(compute=False), 0.9, "magnitude", compute=False)
+    want = ref.finetune(pruned, 0.9, "magnitude", compute=False)
+    pruned = ref.prune(ref.pretrain(compute=False), 0.9, "magnitude", compute=False)
+    got = run.finetune(pruned, 0.9, "magnitude")
+    assert set(rnn.masked_modules(got)) == set(rnn.masked_modules(want))
+    for name, layer in rnn.masked_modules(got).items():
+        ref = want.get_submodule(name)
+        assert torch.equal(layer.weight_mask, ref.weight_mask)
+        torch.testing.assert_close(layer.weight, ref.weight * ref.weight_mask, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="finetune.compressed: the cubic schedule"):
+        pipeline.load(_config(tmp_path, name="cubic", finetune__compressed=True, prune__schedule="cubic",
+                              prune__strategies=["magnitude"]))

@@ -13,8 +13,8 @@ def test_sparse_section_runs_at_toy_size(tmp_path, capsys):
     assert [(row["layer"].split()[0], row["sparsity"]) for row in rows] == [
         (layer, s) for layer in ("linear", "conv") for s in bench.SPARSITIES]
     for row in rows:
-        assert set(row["forward"]) == ({"dense", "sparse", "torch_csr"} if row["layer"].startswith("linear")
-                                       else {"dense", "sparse"})
+        assert set(row["forward"]) == ({"dense", "sparse", "kept_values", "torch_csr"}
+                                       if row["layer"].startswith("linear") else {"dense", "sparse", "kept_values"})
         assert set(row["interval forward"]) == {"dense_fused", "sparse"}
         assert row["auto"] == "dense"  # the suite forces the crossover to 0 (tests/conftest.py)
     assert "Compressed path" in capsys.readouterr().out

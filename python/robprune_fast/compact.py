@@ -1,7 +1,8 @@
 """The compact file format of a pruned model: only the unpruned weights and their positions.
 
 A safetensors file (nothing is unpickled) whose header says what each tensor is. For every masked
-layer (``nn.MaskedLinear`` / ``nn.MaskedConv2d``) it stores the kept weights in row-major order,
+layer (``nn.MaskedLinear`` / ``nn.MaskedConv2d``, and the compressed ``nn.CompressedLinear`` /
+``nn.CompressedConv2d``) it stores the kept weights in row-major order,
 ``<name>.weight.values``, and their positions in whichever of two encodings is smaller:
 
   bitmap  one bit per weight, ``<name>.weight.bitmap`` (uint8, little-endian bit order);
@@ -17,8 +18,9 @@ as it is. At 90% sparsity the file is about 1/8 of the dense checkpoint, at 99% 
 The header (safetensors metadata) holds the format version, each masked layer's shape, dtype,
 number of kept weights and encoding, and a sha256 over every tensor's bytes, so a corrupt or
 truncated file is refused with an error naming it, never loaded with changed weights. Loading
-into a converted model sets weights and masks; loading into a plain model (or a stripped one)
-bakes the zeros in. Either way the outputs are exactly those of the saved model.
+into a converted model sets weights and masks; into a compressed one, its kept weights; into a
+plain model (or a stripped one) bakes the zeros in. Either way the outputs are exactly those of
+the saved model.
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._atomic import atomic_write
-from .nn import MaskedConv2d, MaskedLinear, masked_modules
+from .nn import CompressedConv2d, CompressedLinear, MaskedConv2d, MaskedLinear, kept_state
 
 FORMAT = "robprune_fast.compact/1"
+_PRUNED = (MaskedLinear, MaskedConv2d, CompressedLinear, CompressedConv2d)
 _ESCAPE = 255
 
 
@@ -98,8 +101,9 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_compact(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> dict:
     """Write model's compact file (atomically); returns its header. ``meta`` (JSON-able) is
     stored beside it, e.g. the model's name and how it was pruned."""
-    layers = masked_modules(model)
-    masked_keys = {f"{name}.{key}" for name in layers for key in ("weight", "weight_mask")}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _PRUNED)}
+    masked_keys = {f"{name}.{key}" for name in layers
+                   for key in ("weight", "weight_mask", "weight_values", "weight_row_ptr", "weight_col")}
     tensors, header = {}, {}
     for key, value in model.state_dict().items():
         if key not in masked_keys:
@@ -174,7 +178,10 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> dict:
     state, meta = read_compact(path)
     modules = dict(model.named_modules())
     for name in {k.rsplit(".", 1)[0] for k in state if k.endswith(".weight_mask")}:
-        if not isinstance(modules.get(name), (MaskedLinear, MaskedConv2d)):
+        module = modules.get(name)
+        if isinstance(module, (CompressedLinear, CompressedConv2d)):
+            state.update(kept_state(name, state.pop(f"{name}.weight"), state.pop(f"{name}.weight_mask")))
+        elif not isinstance(module, (MaskedLinear, MaskedConv2d)):
             state.pop(f"{name}.weight_mask")  # baked in: the weight already holds the zeros
     try:
         model.load_state_dict(state, strict=True)

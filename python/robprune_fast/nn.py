@@ -12,17 +12,23 @@ starts full), and the gradient of ``weight`` is masked: a pruned weight never tr
   to_torch_prune(model)    the way back: plain layers with torch.nn.utils.prune's masks
   strip(model)             plain layers with the zeros baked in: deploys and exports like any
                            other model (torch.export included)
+  compress(model)          masked layers -> ``CompressedLinear`` / ``CompressedConv2d``, whose
+                           parameters are the kept weights only (fine-tuning with the mask
+                           fixed: smaller optimiser state, no dense weight gradient)
+  decompress(model)        the way back to masked layers
 
 Structured (channel) pruning makes networks physically smaller; that lives with the pruning
 strategies (``pruning``), which know which channels went.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import ops
+from . import ops, reference
 
 PATHS = ("auto", "dense", "sparse")
 
@@ -162,6 +168,141 @@ class MaskedConv2d(_Masked, nn.Conv2d):
                                  self.padding, self.dilation, self.groups, path=self.path)
 
 
+# --- compressed layers: the kept weights are the parameter -------------------------------------------
+
+class _Compressed(nn.Module):
+    """What CompressedLinear and CompressedConv2d share: the kept weights of W2 =
+    weight.view(out, -1) as the parameter ``weight_values`` (in the CSR's order: row by row,
+    columns increasing), their positions as int32 buffers ``weight_row_ptr`` / ``weight_col``,
+    and dense views of the weight and mask for code that reads those (the bound engine,
+    ``strip``, ``decompress``). The optimiser then holds and updates the kept weights only, and
+    backward makes no dense weight gradient (SparseProp's way of training a pruned layer)."""
+
+    weight_shape: tuple[int, ...]
+
+    def _init_kept(self, shape, values, row_ptr, col, bias):
+        self.weight_shape = tuple(int(s) for s in shape)
+        _check_kept(values, row_ptr, col, self.weight_shape, "weight")
+        self.weight_values = nn.Parameter(values)
+        self.register_buffer("weight_row_ptr", row_ptr)
+        self.register_buffer("weight_col", col)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self._index = (None, None)
+
+    def kept_index(self):
+        """The SparseIndex of the buffers, built (and checked) once per version of them."""
+        key = tuple(ops.sparse_index._version_key(t) for t in (self.weight_row_ptr, self.weight_col))
+        if self._index[0] != key or None in key:
+            rows, cols = self.weight_shape[0], math.prod(self.weight_shape[1:])
+            self._index = (key, ops.sparse.index_of(self.weight_row_ptr, self.weight_col, (rows, cols)))
+        return self._index[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, zeros where pruned; differentiable in weight_values."""
+        cols = math.prod(self.weight_shape[1:])
+        return reference.csr_dense(self.weight_values, self.weight_row_ptr, self.weight_col,
+                                   cols).view(self.weight_shape)
+
+    @property
+    def weight_mask(self) -> torch.Tensor:
+        """The dense binary mask of the kept weights."""
+        ones = torch.ones_like(self.weight_values.detach())
+        cols = math.prod(self.weight_shape[1:])
+        return reference.csr_dense(ones, self.weight_row_ptr, self.weight_col, cols).view(self.weight_shape)
+
+    @property
+    def density(self) -> float:
+        return self.weight_values.numel() / max(math.prod(self.weight_shape), 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state dict keeping another number of weights loads too: the kept weights are
+        # resized to it first (parameters keep their identity), then checked.
+        keys = [prefix + k for k in ("weight_values", "weight_row_ptr", "weight_col")]
+        if all(k in state_dict for k in keys):
+            values, row_ptr, col = (state_dict[k] for k in keys)
+            try:
+                _check_kept(values, row_ptr, col, self.weight_shape, prefix + "weight")
+            except (TypeError, ValueError) as e:
+                error_msgs.append(str(e))
+                return
+            if values.shape != self.weight_values.shape:
+                self.weight_values.data = self.weight_values.new_empty(values.shape)
+                self.weight_col = self.weight_col.new_empty(col.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self._layer_repr()}, density={self.density:.4f}"
+
+
+def _check_kept(values, row_ptr, col, shape, name: str) -> None:
+    """A compressed weight's parts (values, int32 CSR) for a weight of ``shape``: errors name them."""
+    if not isinstance(values, torch.Tensor) or values.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name}_values must be a float32 or float64 tensor")
+    if values.dim() != 1 or not isinstance(col, torch.Tensor) or values.shape != col.shape:
+        raise ValueError(f"{name}_values must be 1-D with one value per entry of {name}_col")
+    if values.device != col.device or not isinstance(row_ptr, torch.Tensor) or row_ptr.device != col.device:
+        raise ValueError(f"{name}_values, {name}_row_ptr and {name}_col must be on one device")
+    try:
+        ops.sparse.index_of(row_ptr, col, (shape[0], math.prod(shape[1:])))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+class CompressedLinear(_Compressed):
+    """A pruned linear layer that keeps and trains only its kept weights (see _Compressed):
+    computes F.linear(x, weight, bias) with the compressed kernels (ops.sparse). Made by
+    ``compress`` from a MaskedLinear; ``decompress`` goes back."""
+
+    def __init__(self, in_features: int, out_features: int, values: torch.Tensor, row_ptr: torch.Tensor,
+                 col: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_kept((out_features, in_features), values, row_ptr, col, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops.checks.check_tensor(x, "x")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x's last dimension must be in_features = {self.in_features}, got shape "
+                             f"{tuple(x.shape)}")
+        return ops.sparse.linear(x, None, self.bias, None, kept=(self.weight_values, self.kept_index()))
+
+    def _layer_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class CompressedConv2d(_Compressed):
+    """A pruned conv2d layer (zeros padding) that keeps and trains only its kept weights (see
+    _Compressed), on the compressed kernels. Made by ``compress`` from a MaskedConv2d."""
+
+    padding_mode = "zeros"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
+                 groups: int, values: torch.Tensor, row_ptr: torch.Tensor, col: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.stride, self.padding, self.dilation = (tuple(pair) for pair in
+                                                    ops.checks.conv_geometry(stride, padding, dilation, groups)[:3])
+        self.kernel_size = tuple(kernel_size)
+        self._init_kept((out_channels, in_channels // groups, *self.kernel_size), values, row_ptr, col, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops.checks.check_tensor(x, "x")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        return ops.sparse.sparse_conv2d(x, self.weight_values, self.bias, self.kept_index(),
+                                        list(self.kernel_size), list(self.stride), list(self.padding),
+                                        list(self.dilation), self.groups)
+
+    def _layer_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+
+
 # --- conversions ----------------------------------------------------------------------------------
 
 def _pruned(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -270,7 +411,7 @@ def _plain_twin(module: nn.Module, bake: bool) -> nn.Module:
     """nn.Linear / nn.Conv2d computing what the masked module computes."""
     kwargs = dict(bias=module.bias is not None, device=module.weight.device,
                   dtype=module.weight.dtype)
-    if isinstance(module, MaskedLinear):
+    if isinstance(module, (MaskedLinear, CompressedLinear)):
         plain = nn.Linear(module.in_features, module.out_features, **kwargs)
     else:
         plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
@@ -284,11 +425,89 @@ def _plain_twin(module: nn.Module, bake: bool) -> nn.Module:
 
 
 def strip(model: nn.Module) -> nn.Module:
-    """Every masked layer of model back to a plain nn.Linear / nn.Conv2d with the pruned weights
-    set to zero, in place; returns model. The result computes the same outputs with stock
-    modules only, so it saves, loads, scripts and exports (torch.export) like any model."""
+    """Every masked or compressed layer of model back to a plain nn.Linear / nn.Conv2d with the
+    pruned weights set to zero, in place; returns model. The result computes the same outputs
+    with stock modules only, so it saves, loads, scripts and exports (torch.export) like any
+    model."""
     _replace_children(model, lambda m, name: _plain_twin(m, True)
-                      if isinstance(m, (MaskedLinear, MaskedConv2d)) else None)
+                      if isinstance(m, (MaskedLinear, MaskedConv2d, _Compressed)) else None)
+    return model
+
+
+def compress(model: nn.Module) -> nn.Module:
+    """Every MaskedLinear / MaskedConv2d of model -> CompressedLinear / CompressedConv2d, in place;
+    returns model: the kept weights become the parameters (``weight_values``), so fine-tuning a
+    pruned network with its mask fixed (natural, adversarial or certified training) updates and
+    stores only those, and backward makes no dense weight gradient. Rebuild the optimiser
+    afterwards: the parameters are new. A layer with importance scores attached (the mask still
+    trains) or a subclass with its own forward is refused (TypeError naming it)."""
+    def make(module, name):
+        if not isinstance(module, (MaskedLinear, MaskedConv2d)):
+            return None
+        base = MaskedLinear if isinstance(module, MaskedLinear) else MaskedConv2d
+        if type(module).forward is not base.forward or "forward" in vars(module):
+            raise TypeError(f"cannot compress {name} ({type(module).__name__}): it has its own forward")
+        if module.scores is not None:
+            raise TypeError(f"cannot compress {name}: importance scores are attached (its mask still "
+                            "trains); call detach_scores() first")
+        if module._forward_pre_hooks or module._forward_hooks:
+            raise TypeError(f"cannot compress {name}: it has forward hooks, which would be lost")
+        return _compressed_twin(module)
+
+    if isinstance(model, (MaskedLinear, MaskedConv2d)):
+        raise TypeError("compress takes a model holding layers; wrap a single layer in nn.Sequential first")
+    _replace_children(model, make)
+    return model
+
+
+def _kept_parts(weight: torch.Tensor, mask: torch.Tensor):
+    """(values, row_ptr, col) of a dense weight's kept entries (mask's ones; checked binary)."""
+    index = ops.sparse.pack_mask(mask)
+    return weight.detach().flatten()[index.flat_index].clone(), index.row_ptr.clone(), index.col.clone()
+
+
+def kept_state(name: str, weight: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state-dict entries of compressed layer ``name`` from a dense weight and its mask (a
+    masked layer's), which load into it whatever number of weights it kept before."""
+    keys = ("weight_values", "weight_row_ptr", "weight_col")
+    return {f"{name}.{key}": t for key, t in zip(keys, _kept_parts(weight, mask))}
+
+
+def _compressed_twin(module: nn.Module) -> nn.Module:
+    bias = None if module.bias is None else module.bias.detach().clone()
+    parts = (*_kept_parts(module.weight, module.weight_mask), bias)
+    if isinstance(module, MaskedLinear):
+        twin = CompressedLinear(module.in_features, module.out_features, *parts)
+    else:
+        twin = CompressedConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                module.padding, module.dilation, module.groups, *parts)
+    twin.train(module.training)
+    return twin
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """The inverse of ``compress``: every compressed layer back to a MaskedLinear / MaskedConv2d
+    (dense weight with zeros where pruned, the mask of the kept weights), in place; returns
+    model."""
+    def make(module, name):
+        if not isinstance(module, _Compressed):
+            return None
+        kwargs = dict(bias=module.bias is not None, device=module.weight_values.device,
+                      dtype=module.weight_values.dtype)
+        if isinstance(module, CompressedLinear):
+            twin = MaskedLinear(module.in_features, module.out_features, **kwargs)
+        else:
+            twin = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                module.padding, module.dilation, module.groups, **kwargs)
+        with torch.no_grad():
+            twin.weight.copy_(module.weight)
+            twin.weight_mask.copy_(module.weight_mask)
+            if module.bias is not None:
+                twin.bias.copy_(module.bias)
+        twin.train(module.training)
+        return twin
+
+    _replace_children(model, make)
     return model
 
 

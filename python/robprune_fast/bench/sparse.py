@@ -7,6 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .. import nn as rnn
 from .. import ops
 from ..ops import crossover, sparse
 from ..ops.sparse_index import pack_mask
@@ -27,21 +28,25 @@ def sparse_layers(batch, device):
 
 
 def layer_variants(op, x, weight, bias, mask, options, backward):
-    """The masked layer three ways: dense (F.linear / F.conv2d on weight * mask), the compressed
-    path, and (linear) torch's CSR matmul on the kept values; each from fresh leaves, the weight
-    gathered per call as in training, backward into x, weight and bias, whose gradients are
-    dropped before each call as a training step's zero_grad(set_to_none=True) does (so no
-    variant pays for accumulating into the last call's)."""
+    """The masked layer four ways: dense (F.linear / F.conv2d on weight * mask), the compressed
+    path of the masked layer (its weight a dense parameter, the kept values gathered per call
+    as in training), the compressed layer whose parameter is the kept values
+    (nn.CompressedLinear / CompressedConv2d: nothing gathered, no dense weight gradient), and
+    (linear) torch's CSR matmul on the kept values; each from fresh leaves, backward into x,
+    the weight (or the kept values) and bias, whose gradients are dropped before each call as a
+    training step's zero_grad(set_to_none=True) does (so no variant pays for accumulating into
+    the last call's)."""
     leaves = [t.detach().clone().requires_grad_(backward) for t in (x, weight, bias)]
     index = pack_mask(mask)
     crow, col = index.row_ptr.long(), index.col.long()
+    layer = _compressed_layer(op, weight, bias, mask, options)
 
-    def run(fn):
+    def run(fn, params=leaves):
         def step():
-            for leaf in leaves:
+            for leaf in params:
                 leaf.grad = None
             with torch.set_grad_enabled(backward):
-                y = fn(*leaves)
+                y = fn(*params)
                 if backward:
                     y.backward(torch.ones_like(y))
         return step
@@ -53,13 +58,31 @@ def layer_variants(op, x, weight, bias, mask, options, backward):
                                           check_invariants=False)
         return torch.sparse.mm(csr, x.t()).t() + b
 
+    kept = [leaves[0], layer.weight_values.requires_grad_(backward), layer.bias.requires_grad_(backward)]
     if op == "linear":
-        fns = dict(dense=lambda x, w, b: F.linear(x, w * mask, b),
-                   sparse=lambda x, w, b: ops.masked_linear(x, w, b, mask, path="sparse"), torch_csr=torch_csr)
+        fns = dict(dense=run(lambda x, w, b: F.linear(x, w * mask, b)),
+                   sparse=run(lambda x, w, b: ops.masked_linear(x, w, b, mask, path="sparse")),
+                   kept_values=run(lambda x, v, b: layer(x), kept),
+                   torch_csr=run(torch_csr))
     else:
-        fns = dict(dense=lambda x, w, b: F.conv2d(x, w * mask, b, **options),
-                   sparse=lambda x, w, b: ops.masked_conv2d(x, w, b, mask, **options, path="sparse"))
-    return {name: run(fn) for name, fn in fns.items()}
+        fns = dict(dense=run(lambda x, w, b: F.conv2d(x, w * mask, b, **options)),
+                   sparse=run(lambda x, w, b: ops.masked_conv2d(x, w, b, mask, **options, path="sparse")),
+                   kept_values=run(lambda x, v, b: layer(x), kept))
+    return fns
+
+
+def _compressed_layer(op, weight, bias, mask, options):
+    """nn.CompressedLinear / CompressedConv2d holding weight's kept values (mask's ones)."""
+    if op == "linear":
+        masked = rnn.MaskedLinear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    else:
+        masked = rnn.MaskedConv2d(weight.shape[1], weight.shape[0], weight.shape[2:], **options,
+                                  device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        masked.weight.copy_(weight)
+        masked.bias.copy_(bias)
+        masked.set_mask(mask)
+    return rnn.compress(torch.nn.Sequential(masked))[0]
 
 
 def interval_variants(op, x, weight, bias, mask, options, eps=2 / 255):
@@ -101,15 +124,20 @@ def format_sparse_table(result) -> str:
         for mode in ("forward", "forward+backward", "interval forward"):
             t = row[mode]
             dense, ours, csr = t.get("dense", t.get("dense_fused")), t["sparse"], t.get("torch_csr")
+            kept = t.get("kept_values")
+            optional = lambda v, f: "" if v is None else f(v)
             rows.append([row["layer"], f"{100 * row['sparsity']:.0f}%", mode, f"{dense * 1e3:.2f}", f"{ours * 1e3:.2f}",
-                         "" if csr is None else f"{csr * 1e3:.2f}", f"{dense / ours:.2f}x",
-                         "" if csr is None else f"{csr / ours:.2f}x", row["auto"] if mode != "interval forward" else ""])
+                         optional(kept, lambda v: f"{v * 1e3:.2f}"), optional(csr, lambda v: f"{v * 1e3:.2f}"),
+                         f"{dense / ours:.2f}x", optional(kept, lambda v: f"{dense / v:.2f}x"),
+                         optional(csr, lambda v: f"{v / ours:.2f}x"), row["auto"] if mode != "interval forward" else ""])
     crossovers = ", ".join(f"{row['layer']} {row['crossover']:.3f}" for row in result["sparse"]
                            if row["sparsity"] == result["sparse"][0]["sparsity"])
     return "\n".join([
         f"Compressed path: batch {result['batch']}, {result['threads']} threads; ms (median of "
         f"{result['repeats']} interleaved repetitions)", "",
-        *markdown(["layer", "sparsity", "mode", "dense", "sparse", "torch CSR", "dense / sparse", "CSR / sparse", "auto"],
-                  "lrlrrrrrl", rows),
+        *markdown(["layer", "sparsity", "mode", "dense", "sparse", "kept values", "torch CSR", "dense / sparse",
+                   "dense / kept values", "CSR / sparse", "auto"], "lrlrrrrrrrl", rows),
         "", f"auto's measured crossover density (sparse below it): {crossovers}",
+        "kept values: the compressed layer whose parameter is the kept weights (nn.CompressedLinear / "
+        "CompressedConv2d).",
         "interval forward: dense = the fused dense interval op (ops.interval_*), both inside weight_cache()."])

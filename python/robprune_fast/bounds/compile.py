@@ -21,7 +21,7 @@ from torch.nn.modules import module as module_globals
 from torch.nn.utils import prune
 
 from ..models import Normalize, PreActBlock
-from ..nn import MaskedConv2d, MaskedLinear
+from ..nn import CompressedConv2d, CompressedLinear, MaskedConv2d, MaskedLinear
 from .affine import Conv, Linear
 from .layers import AvgPool, BatchNorm, Flatten, MaxPool, Op, ReLU, Residual, Scale
 
@@ -30,6 +30,8 @@ from .layers import AvgPool, BatchNorm, Flatten, MaxPool, Op, ReLU, Residual, Sc
 _STOCK_METHODS = {
     MaskedLinear: ("forward", "effective_mask"),   # before their bases: isinstance picks
     MaskedConv2d: ("forward", "_conv_forward", "effective_mask"),  # the first match
+    CompressedLinear: ("forward", "weight", "weight_mask", "kept_index"),
+    CompressedConv2d: ("forward", "weight", "weight_mask", "kept_index"),
     nn.Sequential: ("forward", "__iter__"),
     nn.Linear: ("forward",),
     nn.Conv2d: ("forward", "_conv_forward"),
@@ -106,17 +108,21 @@ def _pruned_tensor(module: nn.Module, name: str):
 def _affine(module, label, dtype):
     """Linear / Conv op with the weight, bias and mask module's forward applies (and, for a
     masked module, its path: dense or compressed)."""
-    path = None
+    path = kept = shape = None
     if isinstance(module, (MaskedLinear, MaskedConv2d)):
         weight, mask, path = module.weight, module.effective_mask(), module.path
+    elif isinstance(module, (CompressedLinear, CompressedConv2d)):
+        # The compressed path, as the module's own forward takes; the dense views when asked.
+        weight, mask, shape = (lambda: module.weight), (lambda: module.weight_mask), module.weight_shape
+        kept, path = (module.weight_values, module.kept_index()), "sparse"
     else:
         weight, mask = _pruned_tensor(module, "weight")
     bias, bias_mask = _pruned_tensor(module, "bias")
     if bias_mask is not None:
         bias = bias * bias_mask
-    if isinstance(module, nn.Linear):
-        return Linear(label, weight, bias, mask, dtype, path)
-    return Conv(label, weight, bias, mask, dtype, module, path)
+    if isinstance(module, (nn.Linear, CompressedLinear)):
+        return Linear(label, weight, bias, mask, dtype, path, kept, shape)
+    return Conv(label, weight, bias, mask, dtype, module, path, kept, shape)
 
 
 def compile_model(model: nn.Module, dtype) -> list[Op]:
@@ -133,7 +139,7 @@ def _compile(module: nn.Module, name: str, dtype) -> list[Op]:
         # _modules, not named_children(): a module instance used twice runs twice.
         return [op for child_name, child in module._modules.items()
                 for op in _compile(child, f"{name}.{child_name}" if name else child_name, dtype)]
-    if base in (nn.Linear, nn.Conv2d, MaskedLinear, MaskedConv2d):
+    if base in (nn.Linear, nn.Conv2d, MaskedLinear, MaskedConv2d, CompressedLinear, CompressedConv2d):
         return [_affine(module, label, dtype)]
     if base is nn.ReLU:
         return [ReLU(label)]

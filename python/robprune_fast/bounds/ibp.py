@@ -94,8 +94,8 @@ def output_bounds(seq, c, r, C, in_place=False, budget=None, widen=None):
                              widen=widen)
         last = seq[-1]
         last.in_shape = tuple(c.shape[1:])
-        C = expand_spec(C, c.shape[0], last.weight.shape[0])
-        last.out_shape = (last.weight.shape[0],)
+        C = expand_spec(C, c.shape[0], last.shape[0])
+        last.out_shape = (last.shape[0],)
         if budget is not None:
             budget.T = last.rounding(budget.T, budget.magnitude(c, r), budget)
         centre, radius = spec_bounds(last, c, r, C, relu_in=pending)

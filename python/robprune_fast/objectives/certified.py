@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import bounds
+from ..nn import CompressedLinear
 from .. import loss_fusion as fusion
 from .registry import Objective, register
 from .schedules import certified_schedule, check_certified, check_fraction
@@ -18,8 +19,9 @@ from .warmup import mean_input_radius, warmup_regularizer
 
 
 def num_outputs(model: torch.nn.Module) -> int:
-    """The number of classes: out_features of the model's last Linear layer."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    """The number of classes: out_features of the model's last linear layer (nn.Linear, or a
+    compressed one)."""
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, CompressedLinear))]
     if not linears:
         raise ValueError("cannot infer the number of classes (the model has no Linear layer); "
                          "pass num_classes")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import Normalize
+from ..nn import CompressedConv2d, CompressedLinear
 
 
 def mean_input_radius(model, x, eps):
@@ -72,6 +73,9 @@ def ibp_initialization(model: torch.nn.Module) -> None:
     weight_orig, with fan_in counting only the weights the mask keeps per output unit, since the
     argument is about the terms a unit actually sums.  Layers are taken in module order.
     """
+    if any(isinstance(m, (CompressedLinear, CompressedConv2d)) for m in model.modules()):
+        raise TypeError("ibp_initialization redraws dense or masked layers; the model has compressed "
+                        "ones (nn.compress): initialise before compressing, or nn.decompress first")
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     if not layers:
         raise ValueError("ibp_initialization: the model has no Linear or Conv2d layer")

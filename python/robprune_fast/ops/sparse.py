@@ -27,8 +27,8 @@ from .. import reference
 from ._dispatch import OPS, _C, call, saving, use_kernel
 from .checks import check_box, check_layer, conv_input
 from .crossover import crossover  # noqa: F401  (ops.sparse.crossover: the path choice)
-from .sparse_index import (SparseIndex, csc_of, csr_of, dense_gradient, gather_values, mask_density,  # noqa: F401
-                           mask_index, pack_mask)
+from .sparse_index import (SparseIndex, csc_of, csr_of, dense_gradient, gather_values, index_of,  # noqa: F401
+                           mask_density, mask_index, pack_mask)
 
 
 def _conv_args(weight, stride, padding, dilation, groups):
@@ -38,16 +38,28 @@ def _conv_args(weight, stride, padding, dilation, groups):
 # --- the masked layers --------------------------------------------------------------------------------
 
 
-def linear(x, weight, bias, mask):
+def linear(x, weight, bias, mask, kept=None):
     """``F.linear(x, weight * mask, bias)`` on the compressed path; x (*, in_features), arguments
-    checked by ops.masked_linear."""
-    index = mask_index(mask)
+    checked by ops.masked_linear. kept: (values, index) of a compressed layer
+    (nn.CompressedLinear), whose values are the parameter: used as they are (weight and mask
+    are then not read), where without it the mask is packed (once per version) and the values
+    gathered from the weight."""
     x2 = x.reshape(-1, x.shape[-1])
-    if _trains_as_one_node(x2, weight):
-        y = _TrainedLinear.apply(x2, weight, bias, index)
+    trained = weight if kept is None else kept[0]  # what autograd may ask the gradient of
+    if _trains_as_one_node(x2, trained):
+        y = _TrainedLinear.apply(x2, trained, bias, mask_index(mask) if kept is None else kept[1], kept is None)
     else:
-        y = sparse_linear(x2, gather_values(weight, index), bias, index)
-    return y.view(*x.shape[:-1], weight.shape[0])
+        values, index = _values_index(weight, mask, kept)
+        y = sparse_linear(x2, values, bias, index)
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
+def _values_index(weight, mask, kept):
+    """(values, index) of the compressed weight: kept, or gathered from weight at mask's ones."""
+    if kept is not None:
+        return kept
+    index = mask_index(mask)
+    return gather_values(weight, index), index
 
 
 def _trains_as_one_node(x, weight) -> bool:
@@ -61,22 +73,27 @@ def _trains_as_one_node(x, weight) -> bool:
 
 
 class _TrainedLinear(torch.autograd.Function):
-    """A compressed linear layer whose weight trains, as one autograd node: forward gathers the
-    kept values and runs the product; backward is sparse_linear's formula and sparse_gather's
-    (dense_gradient) at once. The ops' own autograd makes two nodes, each a trip through
-    torch.library's Python autograd layer: about 0.4 ms of a 2.5 ms forward + backward of linear
-    4096->512 at 99% sparsity (BENCHMARKS.md). With create_graph the backward op has no formula
-    of its own, as on the ops' path: a second backward raises."""
+    """A compressed linear layer whose weight trains, as one autograd node. gather: the weight is
+    the dense one (a masked layer's): forward gathers the kept values and runs the product,
+    backward is sparse_linear's formula and sparse_gather's (dense_gradient) at once; else the
+    weight is the kept values themselves (nn.CompressedLinear) and the product's formula is the
+    whole backward. The ops' own autograd makes a node per op, each a trip through
+    torch.library's Python autograd layer: with the gather, about 0.4 ms of a 2.5 ms forward +
+    backward of linear 4096->512 at 99% sparsity (BENCHMARKS.md); without, about 0.07 of 1.1 ms.
+    With create_graph the backward op has no formula of its own, as on the ops' path: a second
+    backward raises."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index: SparseIndex):
-        # Marked as requiring grad, as the ops' path's values are: the product's kernels then keep
-        # their input's transposed rows for the backward (forward_planes, sparse_ops.cpp).
-        values = call(OPS.sparse_gather, weight, index.row_ptr, index.col).requires_grad_()
+    def forward(ctx, x, weight, bias, index: SparseIndex, gather: bool):
+        # Gathered values are marked as requiring grad, as the kept values are: the product's
+        # kernels then keep their input's transposed rows for the backward (forward_planes,
+        # sparse_ops.cpp).
+        values = call(OPS.sparse_gather, weight, index.row_ptr, index.col).requires_grad_() if gather else weight
         ctx.save_for_backward(x, values)
-        ctx.index = index
-        ctx.like = weight.detach()  # only its shape, dtype and layout are read
-        ctx.key = weakref.ref(weight)
+        ctx.index, ctx.gather = index, gather
+        if gather:
+            ctx.like = weight.detach()  # only its shape, dtype and layout are read
+            ctx.key = weakref.ref(weight)
         return call(OPS.sparse_linear, x, values, bias, index.row_ptr, index.col, index.shape[0])
 
     @staticmethod
@@ -85,21 +102,20 @@ class _TrainedLinear(torch.autograd.Function):
         index = ctx.index
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx, gv = OPS.sparse_linear_backward(g, x, values, *index.csc, [need_x, need_w])
-        gw = dense_gradient(gv, ctx.like, ctx.key(), index.row_ptr, index.col) if need_w else None
-        return gx if need_x else None, gw, g.sum(0) if need_b else None, None
+        gw = dense_gradient(gv, ctx.like, ctx.key(), index.row_ptr, index.col) if need_w and ctx.gather else gv
+        return gx if need_x else None, gw if need_w else None, g.sum(0) if need_b else None, None, None
 
 
-def conv2d(x, weight, bias, mask, stride, padding, dilation, groups):
+def conv2d(x, weight, bias, mask, stride, padding, dilation, groups, kept=None):
     """``F.conv2d(x, weight * mask, bias, ...)`` on the compressed path; arguments checked by
-    ops.masked_conv2d (geometry as pairs)."""
-    index = mask_index(mask)
-    return sparse_conv2d(x, gather_values(weight, index), bias, index,
-                         *_conv_args(weight, stride, padding, dilation, groups))
+    ops.masked_conv2d (geometry as pairs); kept as in linear."""
+    values, index = _values_index(weight, mask, kept)
+    return sparse_conv2d(x, values, bias, index, *_conv_args(weight, stride, padding, dilation, groups))
 
 
-def interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False, out_bounds=False):
+def interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False, out_bounds=False, kept=None):
     """ops.interval_linear on the compressed path (mask required: the kept weights are its
-    ones); center, radius: (*, in_features)."""
+    ones); center, radius: (*, in_features); kept as in linear."""
     check_box(center, radius)
     check_layer(weight, bias, mask, 2, center, "center")
     if mask is None:
@@ -107,25 +123,25 @@ def interval_linear(center, radius, weight, bias=None, mask=None, relu_in=False,
     if center.dim() < 1 or center.shape[-1] != weight.shape[1]:
         raise ValueError(f"center's last dimension must equal weight.size(1) (in_features = "
                          f"{weight.shape[1]}), got shape {tuple(center.shape)}")
-    index = mask_index(mask)
+    values, index = _values_index(weight, mask, kept)
     lead = center.shape[:-1]
     a, b = sparse_interval_linear(center.reshape(-1, center.shape[-1]), radius.reshape(-1, radius.shape[-1]),
-                                  gather_values(weight, index), bias, index, relu_in, out_bounds)
+                                  values, bias, index, relu_in, out_bounds)
     return a.view(*lead, -1), b.view(*lead, -1)
 
 
 def interval_conv2d(center, radius, weight, bias=None, mask=None, stride=1, padding=0, dilation=1, groups=1,
-                    relu_in=False, out_bounds=False):
+                    relu_in=False, out_bounds=False, kept=None):
     """ops.interval_conv2d on the compressed path (mask required); center, radius: (N, C, H, W),
-    any memory format."""
+    any memory format; kept as in linear."""
     check_box(center, radius)
     check_layer(weight, bias, mask, 4, center, "center")
     if mask is None:
         raise ValueError("mask is required on the compressed path (it says which weights are kept)")
     stride, padding, dilation, groups = conv_input(center, "center", weight, stride, padding, dilation,
                                                    groups)
-    index = mask_index(mask)
-    return sparse_interval_conv2d(center, radius, gather_values(weight, index), bias, index,
+    values, index = _values_index(weight, mask, kept)
+    return sparse_interval_conv2d(center, radius, values, bias, index,
                                   *_conv_args(weight, stride, padding, dilation, groups), relu_in, out_bounds)
 
 

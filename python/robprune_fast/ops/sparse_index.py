@@ -84,9 +84,38 @@ def pack_mask(mask: torch.Tensor) -> SparseIndex:
     rows, cols = m2.nonzero().unbind(1)  # row-major order: the CSR's
     if rows.numel() >= 2**31:
         raise ValueError(f"mask keeps {rows.numel()} weights; the compressed path holds fewer than 2^31")
+    return _index(shape, _pointers(rows, shape[0]), cols.int(), rows, cols)
+
+
+def index_of(row_ptr: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> SparseIndex:
+    """The SparseIndex of a stored CSR (a compressed layer's buffers) of W2's `shape`, checked
+    (pointers from 0 to nnz, never decreasing; columns in range, increasing within each row):
+    ValueError naming what is wrong, so a damaged state dict is refused, not computed with."""
+    rows_n, cols_n = shape
+    for t, name in ((row_ptr, "row_ptr"), (col, "col")):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor")
+    if row_ptr.numel() != rows_n + 1:
+        raise ValueError(f"row_ptr must have {rows_n + 1} entries (rows + 1), got {row_ptr.numel()}")
+    p = row_ptr.long()
+    if int(p[0]) != 0 or int(p[-1]) != col.numel() or bool((p[1:] < p[:-1]).any()):
+        raise ValueError(f"row_ptr must rise from 0 to the number of kept weights ({col.numel()}) "
+                         "without decreasing")
+    rows = _segment_of(row_ptr, col.numel())
+    cols = col.long()
+    if col.numel() and (int(cols.min()) < 0 or int(cols.max()) >= cols_n):
+        raise ValueError(f"col must lie in [0, {cols_n})")
+    if bool(((rows[1:] == rows[:-1]) & (cols[1:] <= cols[:-1])).any()):
+        raise ValueError("col must increase within each row (sorted, no repeats)")
+    return _index((rows_n, cols_n), row_ptr, col, rows, cols)
+
+
+def _index(shape: tuple[int, int], row_ptr: torch.Tensor, col: torch.Tensor, rows: torch.Tensor,
+           cols: torch.Tensor) -> SparseIndex:
+    """The SparseIndex of the CSR (row_ptr, col), its entries at (rows, cols) (int64, row-major
+    order); its CSC registered for the ops' autograd formulas (csc_of, csr_of)."""
     col_ptr, row, csc_to_csr = _csc(rows, cols, shape)
-    index = SparseIndex(shape, _pointers(rows, shape[0]), cols.int(), rows * shape[1] + cols, col_ptr, row,
-                        csc_to_csr)
+    index = SparseIndex(shape, row_ptr, col, rows * shape[1] + cols, col_ptr, row, csc_to_csr)
     _transposes[index.row_ptr] = (weakref.ref(index.col), index.csc)
     _transposes_back[index.col_ptr] = (weakref.ref(index.csc_to_csr), (index.row_ptr, index.col))
     return index

@@ -134,6 +134,9 @@ class PruneConfig(Strict):
 class FinetuneConfig(TrainConfig):
     enabled: bool = True
     objective: ObjectiveConfig | None = None  # None: the pretraining objective (the paper's insight)
+    # Train the kept weights only (nn.compress: no dense weight gradient, optimiser state for the
+    # kept weights); the same steps as the masked model's, in other summation orders.
+    compressed: bool = False
 
 
 class EvalConfig(Strict):
@@ -160,6 +163,13 @@ class RunConfig(Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     eval: EvalConfig = EvalConfig()
     export_compact: bool = True
+
+    @model_validator(mode="after")
+    def _fixed_masks(self):
+        if self.finetune.compressed and self.prune.schedule == "cubic":
+            raise ValueError("finetune.compressed: the cubic schedule changes the masks while fine-tuning, "
+                             "and compressed layers keep them fixed; use prune.schedule=one-shot")
+        return self
 
     @model_validator(mode="after")
     def _boundable(self):

@@ -229,10 +229,14 @@ class Run:
             raise self.missing(path, "finetune")
         if cfg.enabled:
             objective, objective_cfg = self.objective("finetune")
+            info = self._run_info("finetune", objective_cfg)
+            if cfg.compressed:
+                rnn.compress(model)  # the kept weights train; masked again for what follows
+                info["compressed"] = True  # its checkpoints hold compressed layers
             history = train.train(model, self.train_split, objective, _train_config(cfg),
-                                  folder / "finetune", self.device,
-                                  self._run_info("finetune", objective_cfg),
+                                  folder / "finetune", self.device, info,
                                   on_epoch_start=self._gradual(model, sparsity))
+            rnn.decompress(model)
             self.event("finetune", variant=folder.name, epochs=len(history))
         self._save(model, path, {"stage": "finetune"})
         return model
