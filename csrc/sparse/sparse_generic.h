@@ -91,7 +91,7 @@ struct ProductElement {
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t c = i % p.cols, rest = i / p.cols, r = rest % p.rows, o = rest / p.rows % p.channels;
     const int64_t n = rest / p.rows / p.channels;
-    const int64_t at = n * p.in_image + r * p.in_row + c;
+    const int64_t at = n * p.in_image + r * p.in_row + c * p.col_stride;
     T a = p.bias ? p.bias[o] : T(0), z = T(0);
     for (int32_t e = p.start[o], end = p.start[o + 1]; e < end; ++e) {
       const int64_t k = at + entry_offset<INDEXED>(p, e);

@@ -78,6 +78,10 @@ struct Product : EntryLists<T> {
   // result transposed: element (o, c) at out[c * out_row + o], the layer's (batch, features)
   // layout.
   int64_t index_rows = 0;  // rows of the input (of each operand), which sizes the chunks
+  // Indexed, the input's columns are col_stride apart: 1 where the ops transposed a linear
+  // layer's input (the batch contiguous), in_features where they read it as it is, a sample per
+  // column (a small batch, which the vectors over the batch would leave mostly empty).
+  int64_t col_stride = 1;
   // Optional, for one-row planes without interval: in the same pass, the dot product of every
   // entry's input row with its channel's own row of `self` (channel o's at self + o * self_row),
   // stored to dw. A linear layer's input gradient (in: the output gradient, channels: the inputs

@@ -220,6 +220,7 @@ Product<T> batch_problem(const at::Tensor& ptr, const at::Tensor& index, int64_t
   p.w = w.const_data_ptr<T>();
   p.perm = perm;
   p.index_rows = in_rows;
+  p.col_stride = in.col_stride;
   p.in = data<T>(in.rows.a);
   p.in1 = data<T>(in.rows.b);
   p.out = out;
@@ -266,7 +267,9 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values, const c1
                          const at::Tensor& row_ptr, const at::Tensor& col, int64_t out_features) {
   check_float(x, "x");
   const Csr csr = check_linear_args(x, "x", values, bias, row_ptr, col, out_features);
-  const Batch in = batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput, forward_planes(values));
+  const PlanesUse use = forward_planes(values);
+  const Batch in = reads_rows_in_place(x, use) ? sample_rows(x, at::Tensor(), PackOp::kCopy)
+                                               : batch_rows(x, at::Tensor(), PackOp::kCopy, Scratch::kInput, use);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "robprune_sparse_linear", [&] {
@@ -409,7 +412,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_interval_linear(
   check_box(center, radius);
   const Csr csr = check_linear_args(center, "center", values, bias, row_ptr, col, out_features);
   const int64_t n = center.size(0);
-  const Batch in = batch_rows(center, radius, box_op(relu_in, check_radius), Scratch::kInput, forward_planes(values));
+  const PlanesUse use = forward_planes(values);
+  const PackOp op = box_op(relu_in, check_radius);
+  const Batch in = reads_rows_in_place(center, use) ? sample_rows(center, radius, op)
+                                                    : batch_rows(center, radius, op, Scratch::kInput, use);
   TORCH_CHECK(!(check_radius && in.rows.bad), kRadiusMessage);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), v = values.contiguous();
   at::Tensor a = at::empty({n, out_features}, center.options()), z = at::empty_like(a);

@@ -293,9 +293,12 @@ inline int64_t batch_ld(int64_t n, int64_t element_size) {
   return ld;
 }
 
+// A linear layer's operand as the products read it: entry e's row at index[e] * ld, sample c at
+// c * col_stride from there.
 struct Batch {
   Planes rows;
   int64_t ld;
+  int64_t col_stride = 1;
 };
 
 // x (and x1, laid out alike after strided_like) through a Pack op, as batch-contiguous rows
@@ -309,6 +312,26 @@ inline Batch batch_rows(const at::Tensor& x, const at::Tensor& x1, PackOp op, Sc
   const PlaneGrid g{1, 1, 0, 0, 1, ld};
   TORCH_INTERNAL_ASSERT(use == PlanesUse::kScratch || slot == Scratch::kInput, "only a layer's input is kept");
   return {use == PlanesUse::kScratch ? pack_planes(x, y1, v, g, op, slot) : kept_planes(x, y1, v, g, op, use), ld};
+}
+
+// A small batch of a layer's input as it is, sample by sample (x (N, F): N rows of F features,
+// through the Pack op), for the products that read each sample's row in place: a batch below
+// kRowsInPlace samples on the CPU, where the kernels' vectors over the batch would be mostly
+// empty, and only in a forward that keeps nothing for a backward. Linear 4096->512 on the
+// 2-core Xeon, in place vs batch-contiguous: 122 vs 216 us at batch 1 and 187 vs 227 at batch 2
+// at 90% sparsity, 380 vs 239 at batch 4 (the in-place kernel walks the entries per sample);
+// at 99% 40 vs 95 us at batch 1, even at batch 8.
+constexpr int64_t kRowsInPlace = 3;
+
+inline bool reads_rows_in_place(const at::Tensor& x, PlanesUse use) {
+  return x.is_cpu() && x.size(0) < kRowsInPlace && use == PlanesUse::kScratch;
+}
+
+inline Batch sample_rows(const at::Tensor& x, const at::Tensor& x1, PackOp op) {
+  const at::Tensor y1 = x1.defined() ? strided_like(x1, x) : x1;
+  const PlaneView v{1, x.size(0), 1, x.size(1), 0, x.stride(0), 0, x.stride(1)};
+  const PlaneGrid g{1, 1, 0, 0, 1, x.size(1)};
+  return {pack_planes(x, y1, v, g, op, Scratch::kInput), 1, x.size(1)};
 }
 
 }  // namespace robprune

@@ -293,9 +293,9 @@ class CompressedConv2d(_Compressed):
         ops.checks.check_tensor(x, "x")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
-        return ops.sparse.sparse_conv2d(x, self.weight_values, self.bias, self.kept_index(),
-                                        list(self.kernel_size), list(self.stride), list(self.padding),
-                                        list(self.dilation), self.groups)
+        values = ops.sparse.kept_values(self.weight_values)
+        return ops.sparse.sparse_conv2d(x, values, self.bias, self.kept_index(), list(self.kernel_size),
+                                        list(self.stride), list(self.padding), list(self.dilation), self.groups)
 
     def _layer_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

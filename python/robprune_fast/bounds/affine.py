@@ -120,7 +120,8 @@ class Linear(Affine):
         if self.sparse(c):
             if self.kept is not None:
                 values, index = self.kept
-                return ops.sparse.sparse_interval_linear(c, r, values, self.bias, index, relu_in, False)
+                return ops.sparse.sparse_interval_linear(c, r, ops.sparse.kept_values(values), self.bias, index,
+                                                         relu_in, False)
             return ops.sparse.interval_linear(c, r, self.weight, self.bias, self.mask, relu_in)
         return ops.unchecked.interval_linear(c, r, self.weight, self.bias, self.mask, relu_in,
                                              check_radius=False)
@@ -189,8 +190,8 @@ class Conv(Affine):
         if self.sparse(c):
             if self.kept is not None:
                 values, index = self.kept
-                return ops.sparse.sparse_interval_conv2d(c, r, values, self.bias, index, *self._sparse_geometry(),
-                                                         relu_in, False)
+                return ops.sparse.sparse_interval_conv2d(c, r, ops.sparse.kept_values(values), self.bias, index,
+                                                         *self._sparse_geometry(), relu_in, False)
             return ops.sparse.interval_conv2d(c, r, self.weight, self.bias, self.mask, g["stride"],
                                               g["padding"], g["dilation"], g["groups"], relu_in)
         return ops.unchecked.interval_conv2d(c, r, self.weight, self.bias, self.mask, g["stride"],
@@ -201,7 +202,8 @@ class Conv(Affine):
         if self.sparse(x):
             if self.kept is not None:
                 values, index = self.kept
-                return ops.sparse.sparse_conv2d(x, values, self.bias, index, *self._sparse_geometry())
+                return ops.sparse.sparse_conv2d(x, ops.sparse.kept_values(values), self.bias, index,
+                                                *self._sparse_geometry())
             g = self.geometry
             return ops.sparse.conv2d(x, self.weight, self.bias, self.mask, list(g["stride"]),
                                      list(g["padding"]), list(g["dilation"]), g["groups"])

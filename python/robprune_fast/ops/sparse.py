@@ -55,11 +55,19 @@ def linear(x, weight, bias, mask, kept=None):
 
 
 def _values_index(weight, mask, kept):
-    """(values, index) of the compressed weight: kept, or gathered from weight at mask's ones."""
+    """(values, index) of the compressed weight: kept (detached without grad: the kernels keep
+    their input for a backward only for values that require grad), or gathered from weight at
+    mask's ones."""
     if kept is not None:
-        return kept
+        return kept_values(kept[0]), kept[1]
     index = mask_index(mask)
     return gather_values(weight, index), index
+
+
+def kept_values(values):
+    """A compressed layer's kept values as a call passes them: detached where no graph is built
+    (inference, verification), so that the kernels keep nothing for a backward."""
+    return values if torch.is_grad_enabled() else values.detach()
 
 
 def _trains_as_one_node(x, weight) -> bool:
