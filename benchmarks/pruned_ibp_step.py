@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 import torch
 
 from robprune_fast import bounds, models, objectives, pruning
 from robprune_fast import nn as rnn
-from robprune_fast.bench import machine, timeit
+from robprune_fast.bench import machine, timeit, write_result
 
 
 def step_fn(model, objective, x, y):
@@ -81,10 +79,7 @@ def main(argv=None) -> dict:
               "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": machine(), "ms": ms,
               "dense_over": {name: ms[baseline[name]] / t for name, t in ms.items()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from robprune_fast import nn as rnn
 from robprune_fast import ops
-from robprune_fast.bench import machine, timeit
+from robprune_fast.bench import machine, timeit, write_result
 
 
 def variants(batch, sparsity, generator):
@@ -58,10 +56,7 @@ def main(argv=None) -> dict:
                              | {"interval_sparse": us["interval_dense"] / us["interval_sparse"]}})
     result = {"layer": "linear 4096->512", "repeats": args.repeats, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": machine(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

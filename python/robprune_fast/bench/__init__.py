@@ -34,9 +34,9 @@ import torch
 from .. import build_info
 from .interval import bench_ibp, format_table
 from .sparse import SPARSITIES, bench_sparse, format_sparse_table
-from .timing import machine, matmul_peak, timeit, turn_orders
+from .timing import machine, matmul_peak, timeit, turn_orders, write_result
 
-__all__ = ["SPARSITIES", "machine", "main", "matmul_peak", "timeit", "turn_orders"]
+__all__ = ["SPARSITIES", "machine", "main", "matmul_peak", "timeit", "turn_orders", "write_result"]
 
 
 def main(argv=None):

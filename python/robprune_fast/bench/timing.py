@@ -3,11 +3,13 @@ order each time, so the machine's drift hits them alike), medians, and what ran 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,15 @@ def machine(device: torch.device | str = "cpu") -> str:
             name = next((line.split(":", 1)[1].strip() for line in f
                          if line.startswith("model name")), name)
     return f"{name}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+
+
+def write_result(result: dict, out) -> dict:
+    """A benchmark script's result: written as JSON to out (its folder made), printed, returned."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
 
 
 def turn_orders(names: list, repeats: int) -> list[list]:
