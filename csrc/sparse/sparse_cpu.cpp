@@ -930,43 +930,62 @@ bool run_pack(const Pack<T>& p) {
   return bad.load();
 }
 
-// A Product of one-row planes whose columns are col_stride apart (a small batch of a linear
-// layer's input read in place, a sample per column: sparse_planes.h): per channel and sample, a
-// sum over the channel's entries with scalar loads from the sample's row, which stays in L1,
-// where the vector kernels would spend a vector of the batch per entry on a few samples (at
-// batch 1 a 90%-pruned linear 4096->512 then ran slower than dense). K partial sums take turns
-// (independent FMA chains).
+// Samples [c, c + S) of channel o of a Product whose columns are col_stride apart (a small
+// batch of a linear layer's input read in place, a sample per column: sparse_planes.h): sums
+// over the channel's entries with scalar loads from the samples' rows, which stay in L1, each
+// entry's weight and index loaded once for the S samples. K partial sums per sample take turns
+// (S * K independent FMA chains).
+template <class T, bool INTERVAL, int S>
+ROBPRUNE_INLINE void in_place_samples(const Product<T>& p, int64_t o, int64_t c) {
+  constexpr int K = 4;
+  const T* x[S];
+  const T* x1[S];
+  for (int s = 0; s < S; ++s) {
+    x[s] = p.in + (c + s) * p.col_stride;
+    x1[s] = INTERVAL ? p.in1 + (c + s) * p.col_stride : nullptr;
+  }
+  T a[S][K] = {}, z[S][K] = {};
+  auto add = [&](int u, int32_t e) {
+    const T w = p.w[slot(p, e)];
+    const int64_t at = int64_t(p.index[e]) * p.index_stride;
+    for (int s = 0; s < S; ++s) {
+      a[s][u] += w * x[s][at];
+      if constexpr (INTERVAL) z[s][u] += std::abs(w) * x1[s][at];
+    }
+  };
+  const int32_t e1 = p.start[o + 1];
+  int32_t e = p.start[o];
+  for (; e + K <= e1; e += K)
+    for (int u = 0; u < K; ++u) add(u, e + u);
+  for (; e < e1; ++e) add(0, e);
+  for (int s = 0; s < S; ++s) {
+    T sum = p.bias ? p.bias[o] : T(0), radius = T(0);
+    for (int u = 0; u < K; ++u) {
+      sum += a[s][u];
+      radius += z[s][u];
+    }
+    if (INTERVAL && p.out_bounds) {
+      const T lower = sum - radius;
+      radius = sum + radius;
+      sum = lower;
+    }
+    p.out[(c + s) * p.out_row + o] = sum;
+    if (INTERVAL) p.out1[(c + s) * p.out_row + o] = radius;
+  }
+}
+
+// in_place_samples over every channel (threads over channels) and sample, two samples at a time
+// (where the vectors over the batch would be mostly empty: at batch 1 a 90%-pruned linear
+// 4096->512 ran slower than dense that way). Four at a time gained too little to move the
+// switch past 2 samples (sparse_planes.h).
 template <class T, bool INTERVAL>
 void in_place_rows(const Product<T>& p) {
-  constexpr int K = 4;
   const int64_t per_entry = std::max<int64_t>(1, p.start[p.channels] / std::max<int64_t>(p.channels, 1));
   at::parallel_for(0, p.channels, grain(p.cols * per_entry), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      const int32_t e0 = p.start[o], e1 = p.start[o + 1];
-      for (int64_t c = 0; c < p.cols; ++c) {
-        const T* x = p.in + c * p.col_stride;
-        const T* x1 = INTERVAL ? p.in1 + c * p.col_stride : nullptr;
-        T a[K] = {}, z[K] = {};
-        auto add = [&](int u, int32_t e) {
-          const T w = p.w[slot(p, e)];
-          const int64_t at = int64_t(p.index[e]) * p.index_stride;
-          a[u] += w * x[at];
-          if constexpr (INTERVAL) z[u] += std::abs(w) * x1[at];
-        };
-        int32_t e = e0;
-        for (; e + K <= e1; e += K)
-          for (int u = 0; u < K; ++u) add(u, e + u);
-        for (; e < e1; ++e) add(0, e);
-        T sum = (p.bias ? p.bias[o] : T(0)) + ((a[0] + a[1]) + (a[2] + a[3]));
-        T radius = (z[0] + z[1]) + (z[2] + z[3]);
-        if (INTERVAL && p.out_bounds) {
-          const T lower = sum - radius;
-          radius = sum + radius;
-          sum = lower;
-        }
-        p.out[c * p.out_row + o] = sum;
-        if (INTERVAL) p.out1[c * p.out_row + o] = radius;
-      }
+      int64_t c = 0;
+      for (; c + 2 <= p.cols; c += 2) in_place_samples<T, INTERVAL, 2>(p, o, c);
+      if (c < p.cols) in_place_samples<T, INTERVAL, 1>(p, o, c);
     }
   });
 }

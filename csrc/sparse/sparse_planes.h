@@ -318,9 +318,9 @@ inline Batch batch_rows(const at::Tensor& x, const at::Tensor& x1, PackOp op, Sc
 // through the Pack op), for the products that read each sample's row in place: a batch below
 // kRowsInPlace samples on the CPU, where the kernels' vectors over the batch would be mostly
 // empty, and only in a forward that keeps nothing for a backward. Linear 4096->512 on the
-// 2-core Xeon, in place vs batch-contiguous: 122 vs 216 us at batch 1 and 187 vs 227 at batch 2
-// at 90% sparsity, 380 vs 239 at batch 4 (the in-place kernel walks the entries per sample);
-// at 99% 40 vs 95 us at batch 1, even at batch 8.
+// 2-core Xeon, in place vs batch-contiguous, one process: 237 vs 353 us at batch 1, 257 vs 354
+// at batch 2 and 434 vs 373 at batch 4 at 90% sparsity (the in-place kernel's cost grows with
+// the samples, the other's hardly); at 99% 74 vs 136 us at batch 1, 99 vs 149 at batch 4.
 constexpr int64_t kRowsInPlace = 3;
 
 inline bool reads_rows_in_place(const at::Tensor& x, PlanesUse use) {
