@@ -235,3 +235,54 @@ def test_fused_first_layer_gradients(flags, stride):
         grads.append((wl.grad, bl.grad))
     for x, y in zip(*grads):
         torch.testing.assert_close(x, y, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [1, 17, 130])
+@pytest.mark.parametrize("need", ["all", "values_only", "box_only"])
+def test_linear_backward_over_batch_chunks(n, need, dtype):
+    """The linear backward's transposed product carries the values' gradient along (one pass
+    over the output gradient's rows for both): batches of one vector's part, of a whole vector
+    and a tail, and of several chunks (whose dot products add up), and each gradient asked for
+    alone, against the dense op, with the ReLU's gradient in front."""
+    g = torch.Generator().manual_seed(4)
+    c, r = box((n, 70), dtype, g)
+    w = torch.randn(33, 70, generator=g, dtype=dtype)
+    b = torch.randn(33, generator=g, dtype=dtype)
+    m = random_mask(w.shape, 0.8, dtype, "cpu", g)
+    grads = []
+    for lib in (sparse, ops):
+        box_grad, values_grad = need in ("all", "box_only"), need in ("all", "values_only")
+        cl, rl = c.clone().requires_grad_(box_grad), r.clone().requires_grad_(box_grad)
+        wl, bl = w.clone().requires_grad_(values_grad), b.clone().requires_grad_(values_grad)
+        out = lib.interval_linear(cl, rl, wl, bl, m, relu_in=True)
+        cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(k), dtype=dtype) for k, o in enumerate(out)]
+        torch.autograd.backward(list(out), cots)
+        grads.append([t.grad for t in (cl, rl, wl, bl) if t.requires_grad])
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, **TOL[dtype])
+    assert len(grads[0]) == (4 if need == "all" else 2)
+
+
+@pytest.mark.parametrize("box_grad", [False, True])
+@pytest.mark.parametrize("geometry", [(3, 1, 1, (7, 9)), (4, 2, 1, (16, 16))], ids=str)
+def test_conv_bias_gradient_over_image_blocks(geometry, box_grad):
+    """The weights' gradient pass also sums the bias's, a block of images at a time: more images
+    than a block, rows with and without a partial vector, from gradient planes (box_grad) and
+    from the output's gradient as it is (a first layer), against the dense op."""
+    k, stride, padding, size = geometry
+    g = torch.Generator().manual_seed(5)
+    c, r = box((19, 3, *size), torch.float32, g)
+    w = torch.randn(5, 3, k, k, generator=g)
+    b = torch.randn(5, generator=g)
+    m = random_mask(w.shape, 0.6, torch.float32, "cpu", g)
+    grads = []
+    for lib in (sparse, ops):
+        cl, rl = c.clone().requires_grad_(box_grad), r.clone().requires_grad_(box_grad)
+        wl, bl = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        out = lib.interval_conv2d(cl, rl, wl, bl, m, stride=stride, padding=padding, relu_in=box_grad)
+        cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(j)) for j, o in enumerate(out)]
+        torch.autograd.backward(list(out), cots)
+        grads.append((wl.grad, bl.grad))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, **TOL[torch.float32])

@@ -291,65 +291,95 @@ ROBPRUNE_INLINE void row_tasks(const Product<T>& p, int64_t begin, int64_t end) 
 }
 
 // A one-row tile of the product with dw (sparse_kernels.h): the VC vectors [c0, c0 + VC * L)
-// of the channel's own row stay in registers; every entry's input vectors, loaded once, feed
-// both the product (acc += w * in) and the entry's dot product (own . in), whose P partial sums
-// are reduced per entry and added to dw (after the first chunk). EXACT as product_tile.
-template <class T, int BYTES, int VC, bool EXACT>
-ROBPRUNE_INLINE void product_dot_tile(const Product<T>& p, int64_t o, int64_t c0, T* out, bool accumulate) {
+// of the channel's own row (and with interval its own row of self1) stay in registers; every
+// entry's input vectors, loaded once, feed both the product (acc += w * in, acc1 += |w| * in1)
+// and the entry's dot product (own . in + sign(w) own1 . in1), whose P partial sums are reduced
+// per entry and added to dw (after the first chunk). EXACT as product_tile.
+template <class T, int BYTES, int VC, bool EXACT, bool INTERVAL>
+ROBPRUNE_INLINE void product_dot_tile(const Product<T>& p, int64_t o, int64_t c0, T* out, T* out1, bool accumulate) {
   using V = Vec<T, BYTES>;
-  constexpr int L = BYTES / sizeof(T), P = VC >= 2 ? 2 : 1;
+  constexpr int L = BYTES / sizeof(T), P = VC >= 2 ? 2 : 1, VC1 = INTERVAL ? VC : 1;
   int lanes[VC];
   for (int v = 0; v < VC; ++v)
     lanes[v] = static_cast<int>(std::clamp<int64_t>(p.cols - c0 - int64_t(v) * L, 0, L));
   auto read = [&](const T* at, int v) { return EXACT && lanes[v] < L ? load_first<V>(at, lanes[v]) : load<V>(at); };
-  V own[VC], acc[VC];
+  V own[VC], acc[VC], own1[VC1], acc1[VC1];
   const T* self = p.self + o * p.self_row + c0;
+  const T* self1 = INTERVAL ? p.self1 + o * p.self_row + c0 : nullptr;
   for (int v = 0; v < VC; ++v) {
     own[v] = read(self + v * L, v);
     acc[v] = V{};
+    if constexpr (INTERVAL) {
+      own1[v] = read(self1 + v * L, v);
+      acc1[v] = V{};
+    }
   }
   const T* base = p.in + c0;
+  const T* base1 = INTERVAL ? p.in1 + c0 : nullptr;
+  // One operand's part of an entry (the radius's with RADIUS): its input vectors at q into the
+  // product (weight wv) and into the dot product with the own row, whose sum (a vector) it
+  // returns. The arrays are named, not passed: GCC keeps them in registers only so.
+  auto entry = [&](auto radius, const T* q, V wv) {
+    constexpr bool RADIUS = decltype(radius)::value;
+    V dot[P];
+    for (int i = 0; i < P; ++i) dot[i] = V{};
+    for (int v = 0; v < VC; ++v) {
+      const V x = read(q + v * L, v);
+      if constexpr (RADIUS) {
+        acc1[v] += wv * x;
+        dot[v % P] += own1[v] * x;
+      } else {
+        acc[v] += wv * x;
+        dot[v % P] += own[v] * x;
+      }
+    }
+    for (int i = 1; i < P; ++i) dot[0] += dot[i];
+    return dot[0];
+  };
   const int32_t end = p.start[o + 1];
   for (int32_t e = p.start[o]; e < end; ++e) {
     const int32_t k = p.perm[e];
-    const V wv = splat<V>(p.w[k]);
-    const T* q = base + offset<true>(p, e);
-    V dot[P];
-    for (int k = 0; k < P; ++k) dot[k] = V{};
-    for (int v = 0; v < VC; ++v) {
-      const V x = read(q + v * L, v);
-      acc[v] += wv * x;
-      dot[v % P] += own[v] * x;
-    }
-    for (int k = 1; k < P; ++k) dot[0] += dot[k];
-    const T s = lane_sum<T, BYTES>(dot[0]);
+    const T w = p.w[k];
+    const int64_t off = offset<true>(p, e);
+    V dot = entry(std::false_type{}, base + off, splat<V>(w));
+    // The radius product multiplies by |w|: its dot product counts with w's sign.
+    if constexpr (INTERVAL) dot += splat<V>(sign(w)) * entry(std::true_type{}, base1 + off, splat<V>(std::abs(w)));
+    const T s = lane_sum<T, BYTES>(dot);
     T& slot_e = p.dw[k];
     slot_e = accumulate ? slot_e + s : s;
   }
-  for (int v = 0; v < VC; ++v) {
-    if (lanes[v] == L) store(out + v * L, acc[v]);
-    else if (lanes[v] > 0) store_first(out + v * L, acc[v], lanes[v]);
-  }
+  auto put = [&](T* to, const V* from) {
+    for (int v = 0; v < VC; ++v) {
+      if (lanes[v] == L) store(to + v * L, from[v]);
+      else if (lanes[v] > 0) store_first(to + v * L, from[v], lanes[v]);
+    }
+  };
+  put(out, acc);
+  if constexpr (INTERVAL) put(out1, acc1);
 }
 
 // row_tasks with dw: tasks [begin, end) of groups of L channels, each walking every chunk of the
 // batch itself (a channel's dot products add up over the chunks, in one task).
-template <class T, int BYTES, int VC>
+template <class T, int BYTES, int VC, bool INTERVAL>
 ROBPRUNE_INLINE void row_dot_tasks(const Product<T>& p, int64_t begin, int64_t end) {
   constexpr int64_t L = BYTES / sizeof(T), W = int64_t(VC) * L;
   alignas(64) T stage[L][W];
+  alignas(64) T stage1[INTERVAL ? L : 1][INTERVAL ? W : 1];
   for (int64_t t = begin; t < end; ++t) {
     const int64_t o0 = t * L, count = std::min(L, p.channels - o0);
     for (int64_t c0 = 0; c0 < std::max<int64_t>(p.cols, 1); c0 += W) {
       const int64_t valid = std::min(W, p.cols - c0);
       for (int64_t i = 0; i < count; ++i) {
+        T* out1 = INTERVAL ? stage1[i] : nullptr;
         // Exact at the right edge even with overread: lanes past the batch would add to the dots.
         if (c0 + W > p.cols)
-          product_dot_tile<T, BYTES, VC, true>(p, o0 + i, c0, stage[i], c0 > 0);
+          product_dot_tile<T, BYTES, VC, true, INTERVAL>(p, o0 + i, c0, stage[i], out1, c0 > 0);
         else
-          product_dot_tile<T, BYTES, VC, false>(p, o0 + i, c0, stage[i], c0 > 0);
+          product_dot_tile<T, BYTES, VC, false, INTERVAL>(p, o0 + i, c0, stage[i], out1, c0 > 0);
       }
       store_transposed<T, BYTES>(stage, count, valid, p.out + c0 * p.out_row + o0, p.out_row);
+      if constexpr (INTERVAL)
+        store_transposed<T, BYTES>(stage1, count, valid, p.out1 + c0 * p.out_row + o0, p.out_row);
     }
   }
 }
@@ -410,6 +440,33 @@ ROBPRUNE_INLINE void dot_group(const Dot<T>& p, int64_t o, int32_t e0, int64_t n
   }
 }
 
+// Images [n0, n1)'s part of db[o] (sparse_kernels.h): channel o of g summed over them, just
+// after the centre's products read it (from cache), two chains of whole vectors, then with TAIL
+// a partial one per row.
+template <class T, int BYTES, bool TAIL>
+ROBPRUNE_INLINE void channel_sum(const Dot<T>& p, int64_t o, int64_t n0, int64_t n1) {
+  using V = Vec<T, BYTES>;
+  constexpr int L = BYTES / sizeof(T);
+  const int64_t whole = p.cols / L * L;
+  const int tail = static_cast<int>(p.cols - whole);
+  V a0{}, a1{};
+  auto row = [&](const T* g, V& acc) {
+    for (int64_t c = 0; c < whole; c += L) acc += load<V>(g + c);
+    if (TAIL && tail) acc += load_first<V>(g + whole, tail);
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* g = p.g + n * p.g_image + o * p.g_channel;
+    int64_t r = 0;
+    for (; r + 2 <= p.rows; r += 2) {
+      row(g + r * p.g_row, a0);
+      row(g + (r + 1) * p.g_row, a1);
+    }
+    if (r < p.rows) row(g + r * p.g_row, a0);
+  }
+  const T s = lane_sum<T, BYTES>(a0 + a1);
+  p.db[o] = n0 > 0 ? p.db[o] + s : s;
+}
+
 // Images [n0, n1)'s part of the dot products of channel o's entries [e, stop) with one operand pair
 // (dot_group): groups of E, the rest in groups half as large, and so on (a single entry would
 // load g for itself alone, with 2 chains).
@@ -433,8 +490,10 @@ ROBPRUNE_INLINE void dot_images(const Dot<T>& p, int64_t begin, int64_t end) {
   constexpr int E = REGS >= 16 ? 8 : 4;  // 2E accumulators, within REGS
   for (int64_t n0 = 0; n0 < p.images; n0 += kDotImages) {
     const int64_t n1 = std::min(p.images, n0 + kDotImages);
-    for (int64_t o = begin; o < end; ++o)
+    for (int64_t o = begin; o < end; ++o) {
       dot_channel<T, BYTES, E, TAIL, false>(p, o, p.start[o], p.start[o + 1], n0, n1, n0 > 0);
+      if (p.db) channel_sum<T, BYTES, TAIL>(p, o, n0, n1);
+    }
     if constexpr (INTERVAL)
       for (int64_t o = begin; o < end; ++o)
         dot_channel<T, BYTES, E, TAIL, true>(p, o, p.start[o], p.start[o + 1], n0, n1, true);
@@ -735,9 +794,9 @@ ROBPRUNE_INLINE bool indices_in_range(const int32_t* index, int64_t begin, int64
     TARGET __attribute__((flatten)) static void rows(const Product<T>& p, int64_t b, int64_t e) { \
       row_tasks<T, BYTES, VC, U, INTERVAL>(p, b, e);                                            \
     }                                                                                           \
-    template <class T, int VC>                                                                  \
+    template <class T, int VC, bool INTERVAL>                                                   \
     TARGET __attribute__((flatten)) static void row_dots(const Product<T>& p, int64_t b, int64_t e) { \
-      row_dot_tasks<T, BYTES, VC>(p, b, e);                                                     \
+      row_dot_tasks<T, BYTES, VC, INTERVAL>(p, b, e);                                           \
     }                                                                                           \
     template <class T, PackOp OP>                                                               \
     TARGET __attribute__((flatten)) static bool pack(const Pack<T>& p, int64_t b, int64_t e) {  \
@@ -851,19 +910,17 @@ void run_product(const Product<T>& p) {
   constexpr int VMAX = CAP >= 8 ? 8 : CAP >= 4 ? 4 : 2;
   const int vectors = pow2_ceil((p.cols + L - 1) / L);
   const int64_t per_entry = std::max<int64_t>(1, p.start[p.channels] / std::max<int64_t>(p.channels, 1));
-  if constexpr (!INTERVAL) {
-    if (p.indexed && p.dw) {
-      // With dw: the whole batch in registers when it fits (the channel's own row, the
-      // accumulators and the loaded row: 3 x VC of the registers), else chunks of it.
-      constexpr int VD = Isa::kRegs >= 16 ? 8 : 4;
-      with_pow2<VD>(std::min(vectors, VD), [&](auto VC) {
-        constexpr int kVC = decltype(VC)::value;
-        at::parallel_for(0, (p.channels + L - 1) / L, grain(L * p.cols * per_entry * 2), [&](int64_t b, int64_t e) {
-          Isa::template row_dots<T, kVC>(p, b, e);
-        });
+  if (p.indexed && p.dw) {
+    // With dw: the whole batch in registers when it fits (the channel's own rows, the
+    // accumulators and the loaded rows: 3 x VC of the registers per operand), else chunks of it.
+    constexpr int VD = (Isa::kRegs >= 16 ? 8 : 4) / (INTERVAL ? 2 : 1);
+    with_pow2<VD>(std::min(vectors, VD), [&](auto VC) {
+      constexpr int kVC = decltype(VC)::value;
+      at::parallel_for(0, (p.channels + L - 1) / L, grain(L * p.cols * per_entry * 2), [&](int64_t b, int64_t e) {
+        Isa::template row_dots<T, kVC, INTERVAL>(p, b, e);
       });
-      return;
-    }
+    });
+    return;
   }
   if (p.indexed) {
     // One-row planes: chunks of the batch as wide as the L2 budget allows for the input's rows
@@ -913,8 +970,10 @@ void run_dot(const Dot<T>& p) {
   at::parallel_for(0, p.channels, grain(per_channel), [&](int64_t b, int64_t e) {
     Isa::template dot<T, INTERVAL>(p, b, e);
   });
-  if (p.images == 0)  // every product is empty
+  if (p.images == 0) {  // every product and sum is empty
     for (int32_t e = 0; e < p.start[p.channels]; ++e) p.dw[slot(p, e)] = T(0);
+    if (p.db) std::fill(p.db, p.db + p.channels, T(0));
+  }
 }
 
 // Tasks of pack_tasks: blocks of channels of one image.

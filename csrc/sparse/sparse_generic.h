@@ -148,6 +148,24 @@ struct DotEntry {
   }
 };
 
+// Row functor (Backend::rows_sum) of a Dot's db: row o is g's channel o summed over the
+// images and the region, element j = (n * rows + r) * cols + c.
+template <class T>
+struct ChannelSum {
+  Dot<T> p;
+
+  struct Row {
+    const T* g;
+    int64_t rows, cols, g_image, g_row;
+    C10_HOST_DEVICE T operator()(int64_t j) const {
+      const int64_t c = j % cols, rest = j / cols;
+      return g[rest / rows * g_image + rest % rows * g_row + c];
+    }
+  };
+
+  C10_HOST_DEVICE Row row(int64_t o) const { return {p.g + o * p.g_channel, p.rows, p.cols, p.g_image, p.g_row}; }
+};
+
 // to[perm[e]] = from[e].
 template <class T>
 struct Scatter {
@@ -342,10 +360,12 @@ struct GenericSparseKernels {
     });
     if (!p.dw) return;
     // The weights' gradient that rides along (sparse_kernels.h): a Dot of the channels' own rows
-    // (self) with the entries' input rows, in a pass of its own (one-row planes, no interval).
+    // (self, self1) with the entries' input rows, in a pass of its own (one-row planes).
     Dot<T> d;
     static_cast<EntryLists<T>&>(d) = p;
+    d.w = p.w;
     d.g = p.self;
+    d.g1 = p.self1;
     d.g_channel = p.self_row;
     dot(d);
   }
@@ -363,6 +383,7 @@ struct GenericSparseKernels {
       });
     });
     if (p.perm) Backend::for_each(p.entries, Scatter<T>{to, p.perm, p.dw});
+    if (p.db) Backend::rows_sum(p.channels, p.images * p.rows * p.cols, ChannelSum<T>{p}, p.db);
   }
 
   template <class T>

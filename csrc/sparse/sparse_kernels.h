@@ -82,11 +82,14 @@ struct Product : EntryLists<T> {
   // layer's input (the batch contiguous), in_features where they read it as it is, a sample per
   // column (a small batch, which the vectors over the batch would leave mostly empty).
   int64_t col_stride = 1;
-  // Optional, for one-row planes without interval: in the same pass, the dot product of every
-  // entry's input row with its channel's own row of `self` (channel o's at self + o * self_row),
-  // stored to dw. A linear layer's input gradient (in: the output gradient, channels: the inputs
-  // over the CSC) thus also gives its weights' gradient (self: the layer's input).
+  // Optional, for one-row planes: in the same pass, the dot product of every entry's input row
+  // with its channel's own row of `self` (channel o's at self + o * self_row), stored to dw; with
+  // interval, plus sign(w) times that of its row of in1 with the own row of self1 (as a Dot's).
+  // A linear layer's input gradient (in: the output gradient, channels: the inputs over the CSC)
+  // thus also gives its weights' gradient (self: the layer's input), each output gradient row
+  // loaded once for both.
   const T* self = nullptr;
+  const T* self1 = nullptr;
   int64_t self_row = 0;
 };
 
@@ -100,6 +103,9 @@ struct Dot : EntryLists<T> {
   const T* g = nullptr;
   const T* g1 = nullptr;
   int64_t g_image = 0, g_channel = 0, g_row = 0;
+  // Optional: db[o] = sum_n sum_region g[n, o], a convolution's bias gradient, in the same pass
+  // over g (which the CPU's kernels then read from cache, not memory, a second time).
+  T* db = nullptr;
 };
 
 // What a Pack computes per element pair, from (x0, x1) to (y0, y1): a copy of one operand; an

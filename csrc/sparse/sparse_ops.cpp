@@ -446,19 +446,32 @@ Grads4 sparse_interval_linear_backward(const at::Tensor& grad_a, const at::Tenso
   const at::Tensor v = values.contiguous();
   at::Tensor g_c, g_r, g_v, g_bias;
   if (need[3]) g_bias = g.rows.a.narrow(0, 0, out_features * g.ld).view({out_features, g.ld}).sum(1);
+  // The layer's input box as the forward's product read it (through its ReLU), for the values'
+  // gradient.
+  const Batch x = need[2] ? batch_rows(center, radius, relu_in ? PackOp::kReluBox : PackOp::kCopy, Scratch::kInput,
+                                       PlanesUse::kReuse)
+                          : Batch{};
+  if (need[2]) g_v = at::empty({values.numel()}, values.options());
   if (need[0] || need[1]) {
     g_c = at::empty({n, in_features}, center.options());
     g_r = at::empty_like(g_c);
     AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_linear_backward", [&] {
-      batch_product<scalar_t>(csc.col_ptr, csc.row, out_features, v, csc.csc_to_csr.const_data_ptr<int32_t>(), g, n,
-                              mutable_data<scalar_t>(g_c), mutable_data<scalar_t>(g_r), nullptr, false);
+      // sparse_interval_linear's transposed product, the values' gradient riding along
+      // (sparse_kernels.h): the output gradient's rows read once for both.
+      Product<scalar_t> p = batch_problem<scalar_t>(csc.col_ptr, csc.row, out_features, v,
+                                                    csc.csc_to_csr.const_data_ptr<int32_t>(), g, n,
+                                                    mutable_data<scalar_t>(g_c), mutable_data<scalar_t>(g_r), nullptr,
+                                                    false);
+      if (need[2]) {
+        p.self = data<scalar_t>(x.rows.a);
+        p.self1 = data<scalar_t>(x.rows.b);
+        p.self_row = x.ld;
+        p.dw = mutable_data<scalar_t>(g_v);
+      }
+      with_kernels(grad_a, [&](auto k) { decltype(k)::product(p); });
     });
     if (relu_in) std::tie(g_c, g_r) = relu_backward(g_c, g_r, center, radius);
-  }
-  if (need[2]) {
-    const Batch x = batch_rows(center, radius, relu_in ? PackOp::kReluBox : PackOp::kCopy, Scratch::kInput,
-                               PlanesUse::kReuse);
-    g_v = at::empty({values.numel()}, values.options());
+  } else if (need[2]) {
     AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_linear_backward", [&] {
       batch_dot<scalar_t>(csc, g, x, n, v, mutable_data<scalar_t>(g_v));
     });
@@ -677,7 +690,7 @@ const T* gradient_region(const at::Tensor& planes, const ConvLayout& l) {
 
 template <class T>
 void forward_dot(const Entries& en, const ConvLayout& l, const T* g, const T* g1, int64_t g_image, int64_t g_channel,
-                 int64_t g_row, const Planes& in, T* dw) {
+                 int64_t g_row, const Planes& in, T* dw, T* db = nullptr) {
   Dot<T> p;
   set_forward_entries<T>(p, en, l, in);
   p.g = g;
@@ -686,6 +699,7 @@ void forward_dot(const Entries& en, const ConvLayout& l, const T* g, const T* g1
   p.g_channel = g_channel;
   p.g_row = g_row;
   p.dw = dw;
+  p.db = db;
   p.interval = g1 != nullptr;
   with_kernels(en.off, [&](auto k) { decltype(k)::dot(p); });
 }
@@ -825,7 +839,9 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
   const Planes g = planes ? gradient_planes(grad_a, grad_b, l, out_bounds ? PackOp::kBoundsGrad : PackOp::kCopy)
                           : Planes{grad_a.contiguous(), grad_b.contiguous()};
   at::Tensor g_c, g_r, g_v, g_bias;
-  if (need[3])
+  // The bias's gradient: summed by the values' gradient's pass over g when there is one.
+  if (need[3] && need[2]) g_bias = at::empty({l.out_channels}, center.options());
+  else if (need[3])
     g_bias = planes ? g.a.narrow(0, 0, l.images * l.out_channels * l.plane_g())
                           .view({l.images, l.out_channels, -1})
                           .sum(at::IntArrayRef{0, 2})
@@ -866,7 +882,8 @@ Grads4 sparse_interval_conv2d_backward(const at::Tensor& grad_a, const at::Tenso
     AT_DISPATCH_FLOATING_TYPES(center.scalar_type(), "robprune_sparse_interval_conv2d_backward", [&] {
       const scalar_t* ga = planes ? gradient_region<scalar_t>(g.a, l) : data<scalar_t>(g.a);
       const scalar_t* gb = planes ? gradient_region<scalar_t>(g.b, l) : data<scalar_t>(g.b);
-      forward_dot<scalar_t>(en, l, ga, gb, l.out_channels * plane, plane, row, in, mutable_data<scalar_t>(g_v));
+      forward_dot<scalar_t>(en, l, ga, gb, l.out_channels * plane, plane, row, in, mutable_data<scalar_t>(g_v),
+                            need[3] ? mutable_data<scalar_t>(g_bias) : nullptr);
     });
   }
   return {empty_if_unused(need[0] ? g_c : at::Tensor(), center), empty_if_unused(need[1] ? g_r : at::Tensor(), center),
